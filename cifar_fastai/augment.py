@@ -1,0 +1,77 @@
+"The seed's albumentations pipeline, run by fastai on the training split only."
+import random
+import warnings
+
+import albumentations as A
+import numpy as np
+import torch
+from fastai.vision.all import ItemTransform, Transform, TensorImage
+
+__all__ = ['seed_augmentations', 'AlbumentationsTransform', 'HWCToTensorImage']
+
+# Mean pixel of CIFAR-10's training set, as uint8: Cutout holes are filled with "nothing", i.e. the average.
+CIFAR_MEAN_PIXEL = (125, 123, 114)
+
+
+def seed_augmentations(s):
+    "ShiftScaleRotate, HorizontalFlip, ColorJitter and Cutout (CoarseDropout in albumentations 2.x), from settings `s`."
+    with warnings.catch_warnings():
+        # albumentations 2 prefers Affine; the seed names ShiftScaleRotate, so we keep it and its exact parameters.
+        warnings.filterwarnings('ignore', message='ShiftScaleRotate is a special case of Affine')
+        ssr = A.ShiftScaleRotate(shift_limit=s['shift_limit'], scale_limit=s['scale_limit'],
+                                 rotate_limit=s['rotate_limit'], border_mode=0, fill=CIFAR_MEAN_PIXEL,
+                                 p=s['shift_scale_rotate_p'])
+    cut = s['cutout_size']
+    return A.Compose([
+        ssr,
+        A.HorizontalFlip(p=s['flip_p']),
+        A.ColorJitter(brightness=s['brightness'], contrast=s['contrast'], saturation=s['saturation'],
+                      hue=s['hue'], p=s['color_jitter_p']),
+        A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(cut, cut), hole_width_range=(cut, cut),
+                        fill=CIFAR_MEAN_PIXEL, p=s['cutout_p']),
+    ])
+
+
+class AlbumentationsTransform(ItemTransform):
+    "Apply an albumentations pipeline to the image of an (image, label) item; training split only."
+    split_idx, order = 0, 2
+
+    def __init__(self, aug):
+        super().__init__()
+        self.aug, self._seeded_for = aug, None
+
+    def _reseed(self):
+        # albumentations keeps its own generators, blind to fastai's set_seed and identical in every forked
+        # worker. Re-seed them from torch's RNG once per process and epoch: each worker gets its own stream,
+        # and a run with --seed repeats exactly.
+        info = torch.utils.data.get_worker_info()
+        key = 'main' if info is None else info.seed
+        if key == self._seeded_for: return
+        seed = torch.randint(2**31, ()).item() if info is None else info.seed % 2**32
+        self.aug.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        self._seeded_for = key
+
+    def get_state(self):
+        "The main process's augmentation random state (workers re-seed from torch's, which checkpoints keep)."
+        if self._seeded_for != 'main': return None
+        return self.aug.random_generator.bit_generator.state, self.aug.py_random.getstate()
+
+    def set_state(self, state):
+        if state is None: return
+        gen, py = np.random.default_rng(), random.Random()
+        gen.bit_generator.state, _ = state
+        py.setstate(state[1])
+        self.aug.set_random_state(gen, py)
+        self._seeded_for = 'main'
+
+    def encodes(self, b):
+        x, y = b
+        self._reseed()
+        return self.aug(image=x)['image'], y
+
+
+class HWCToTensorImage(Transform):
+    "uint8 HxWxC array -> fastai `TensorImage` CxHxW."
+    order = 5
+
+    def encodes(self, x: np.ndarray): return TensorImage(torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1))

@@ -1,0 +1,71 @@
+"Every setting of a run in one visible dict, and how flags and experiment TOML files override it."
+import tomllib
+from pathlib import Path
+
+from .errors import CifarFastaiError
+
+__all__ = ['DEFAULTS', 'SCHEDULES', 'PRECISIONS', 'read_config', 'resolve_settings']
+
+SCHEDULES = ('step', 'one-cycle')
+PRECISIONS = ('fp32', 'bf16', 'fp16')
+
+DEFAULTS = dict(
+    # The seed's recipe: SGD with momentum, StepLR(step_size=15, gamma=0.1), 50 epochs.
+    epochs=50, bs=128, lr=0.05, momentum=0.9, wd=5e-4, schedule='step', step_size=15, gamma=0.1,
+    dropout=0.05, label_smoothing=0.0, precision='fp32',
+    seed=42, workers=None,                # None: pick for this machine (see train.default_workers)
+    train_size=None, valid_size=None,     # class-balanced random subsets, for quick trials
+    # Augmentation (albumentations), training split only; each *_p is the probability of applying it.
+    shift_limit=0.1, scale_limit=0.1, rotate_limit=15, shift_scale_rotate_p=0.5,
+    flip_p=0.5,
+    brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1, color_jitter_p=0.5,
+    cutout_size=16, cutout_p=0.5,         # one square hole of cutout_size pixels, filled with the mean pixel
+)
+
+_POSITIVE = ('epochs', 'bs', 'lr', 'step_size', 'cutout_size')
+_NON_NEGATIVE = ('wd', 'momentum', 'dropout', 'label_smoothing', 'shift_limit', 'scale_limit', 'rotate_limit',
+                 'brightness', 'contrast', 'saturation', 'hue')
+_PROBABILITIES = ('dropout', 'label_smoothing', 'shift_scale_rotate_p', 'flip_p', 'color_jitter_p', 'cutout_p',
+                  'gamma')
+_INTS = ('epochs', 'bs', 'step_size', 'seed', 'workers', 'train_size', 'valid_size', 'cutout_size')
+
+
+def read_config(path):
+    "Settings from an experiment TOML file; keys are the setting names (`step_size` or `step-size`)."
+    path = Path(path)
+    try: raw = tomllib.loads(path.read_text())
+    except FileNotFoundError: raise CifarFastaiError(f'config: {path} does not exist') from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise CifarFastaiError(f'config: cannot read {path} ({e})') from None
+    cfg = {k.replace('-', '_'): v for k, v in raw.items()}
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown: raise CifarFastaiError(f'config: {path}: unknown setting(s) {", ".join(unknown)}; '
+                                       f'known: {", ".join(DEFAULTS)}')
+    return cfg
+
+
+def resolve_settings(flags, config=None):
+    "DEFAULTS, overridden by the config file, overridden by the flags given (not None); then checked."
+    s = {**DEFAULTS, **(read_config(config) if config else {}),
+         **{k: v for k, v in flags.items() if k in DEFAULTS and v is not None}}
+    _check(s)
+    return s
+
+
+def _check(s):
+    def bad(k, why): raise CifarFastaiError(f'{k.replace("_", "-")} must be {why}, got {s[k]!r}')
+    for k in _INTS:
+        if s[k] is not None and (isinstance(s[k], bool) or not isinstance(s[k], int)): bad(k, 'an integer')
+    for k in DEFAULTS:
+        if isinstance(DEFAULTS[k], float) and (isinstance(s[k], bool) or not isinstance(s[k], (int, float))):
+            bad(k, 'a number')
+    for k in _POSITIVE:
+        if s[k] <= 0: bad(k, 'positive')
+    for k in _NON_NEGATIVE:
+        if s[k] < 0: bad(k, '0 or more')
+    for k in _PROBABILITIES:
+        if not 0 <= s[k] <= 1: bad(k, 'between 0 and 1')
+    for k in ('workers', 'train_size', 'valid_size'):
+        if s[k] is not None and s[k] < (0 if k == 'workers' else 1): bad(k, 'positive' if k != 'workers' else '0 or more')
+    if s['schedule'] not in SCHEDULES: bad('schedule', f'one of {", ".join(SCHEDULES)}')
+    if s['precision'] not in PRECISIONS: bad('precision', f'one of {", ".join(PRECISIONS)}')

@@ -1,0 +1,147 @@
+"Where CIFAR-10 comes from, and fastai DataLoaders over it with every image decoded once."
+import os
+import random
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from fastai.vision.all import (CategoryBlock, DataBlock, GrandparentSplitter, IntToFloatTensor, Normalize,
+                               TransformBlock, URLs, cifar_stats, get_image_files, parent_label, untar_data)
+from PIL import Image
+
+from .augment import AlbumentationsTransform, HWCToTensorImage, seed_augmentations
+from .errors import CifarFastaiError
+
+__all__ = ['locate_data', 'download_cifar', 'cifar_files', 'balanced_subset', 'load_rgb32', 'DecodedImages',
+           'cifar_dataloaders']
+
+IMAGE_SIZE = 32
+
+
+def cache_dir():
+    "Where archives given with --data are unpacked (once): $CIFAR_FASTAI_CACHE, else ~/.cache/cifar-fastai."
+    return Path(os.environ.get('CIFAR_FASTAI_CACHE', Path.home() / '.cache' / 'cifar-fastai')).expanduser()
+
+
+def locate_data(data=None):
+    "The CIFAR-10 root folder: `data` (folder or .tgz), else $CIFAR_FASTAI_DATA, else fastai's download."
+    src = data or os.environ.get('CIFAR_FASTAI_DATA')
+    if not src: return download_cifar()
+    path = Path(src).expanduser()
+    if not path.exists(): raise CifarFastaiError(f'data: {path} does not exist')
+    return find_root(path if path.is_dir() else unpack(path))
+
+
+def download_cifar(url=None):
+    "fastai's own download of `URLs.CIFAR` (or $CIFAR_FASTAI_URL, a mirror) into fastai's data folder."
+    url = url or os.environ.get('CIFAR_FASTAI_URL') or URLs.CIFAR
+    try: path = untar_data(url)
+    except Exception as e:
+        raise CifarFastaiError(f'could not download CIFAR-10 from {url} ({type(e).__name__}: {e}); '
+                               'point at a local copy with --data PATH or CIFAR_FASTAI_DATA=PATH '
+                               '(a folder with train/ and test/, or a .tgz of one)') from None
+    return find_root(path)
+
+
+def unpack(archive):
+    "Unpack a tar archive into the cache once; later calls reuse the unpacked folder."
+    if not tarfile.is_tarfile(archive):
+        raise CifarFastaiError(f'data: {archive} is neither a folder nor a readable .tgz/.tar archive')
+    st = archive.stat()
+    dest = cache_dir() / f'{archive.name}-{st.st_size}-{int(st.st_mtime)}'
+    if dest.is_dir(): return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Unpack beside the destination and rename: an interrupted unpack never looks like a finished one.
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix='.unpacking-'))
+    try:
+        with tarfile.open(archive) as tf: tf.extractall(tmp, filter='data')
+        tmp.rename(dest)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise CifarFastaiError(f'data: cannot unpack {archive} ({type(e).__name__}: {e})') from None
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def find_root(folder):
+    "`folder` itself or its one subfolder holding `train/` and `test/` (fastai's URLs.CIFAR layout)."
+    for cand in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
+        if (cand / 'train').is_dir() and (cand / 'test').is_dir(): return cand
+    raise CifarFastaiError(f'data: {folder} is not a CIFAR-10 folder: expected train/<class>/*.jpg '
+                           'and test/<class>/*.jpg')
+
+
+def cifar_files(root):
+    "(train files, test files, class names); every class must have images in both splits."
+    files = {}
+    for split in ('train', 'test'):
+        found = get_image_files(root / split, recurse=True, folders=None)
+        files[split] = sorted(f for f in found if f.parent.parent == root / split)
+        for d in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+            if not any(f.parent == d for f in files[split]):
+                raise CifarFastaiError(f'data: class folder {d} has no images')
+    classes = sorted({f.parent.name for f in files['train']})
+    if not classes: raise CifarFastaiError(f'data: {root / "train"} has no class folders with images')
+    test_classes = sorted({f.parent.name for f in files['test']})
+    if test_classes != classes:
+        raise CifarFastaiError(f'data: train/ and test/ hold different classes ({classes} vs {test_classes})')
+    return files['train'], files['test'], classes
+
+
+def balanced_subset(files, n, seed):
+    "`n` files drawn at random, as evenly as possible from every class (parent folder)."
+    if n is None or n >= len(files): return files
+    by_class = {}
+    for f in files: by_class.setdefault(f.parent.name, []).append(f)
+    rng, classes = random.Random(seed), sorted(by_class)
+    if n < len(classes): raise CifarFastaiError(f'subset of {n} images cannot hold all {len(classes)} classes')
+    picked = []
+    for i, c in enumerate(classes):
+        k = n // len(classes) + (i < n % len(classes))
+        picked += rng.sample(by_class[c], min(k, len(by_class[c])))
+    return sorted(picked)
+
+
+def load_rgb32(path):
+    "Any image file as a 32x32 RGB uint8 array: every mode converted to RGB, every size resized the same way."
+    with Image.open(path) as im:
+        im = im.convert('RGB')
+        if im.size != (IMAGE_SIZE, IMAGE_SIZE): im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+        return np.asarray(im)
+
+
+class DecodedImages:
+    "Every image decoded once into one uint8 array, looked up by path: epochs never touch the JPEG decoder."
+    def __init__(self, files):
+        self.index = {f: i for i, f in enumerate(files)}
+        self.pixels = np.empty((len(files), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+        bad = []
+        for i, f in enumerate(files):
+            try: self.pixels[i] = load_rgb32(f)
+            except (OSError, ValueError, SyntaxError) as e: bad.append(f'{f} ({type(e).__name__})')
+        if bad:
+            more = f' and {len(bad) - 3} more' if len(bad) > 3 else ''
+            raise CifarFastaiError(f'data: {len(bad)} unreadable image(s): {"; ".join(bad[:3])}{more}')
+
+    def __call__(self, path):
+        i = self.index.get(path)
+        return load_rgb32(path) if i is None else self.pixels[i]
+
+    def __getstate__(self):
+        # An exported learner carries this transform: without the pixels, it decodes whatever it is given.
+        return dict(index={}, pixels=self.pixels[:0])
+
+
+def cifar_dataloaders(root, s):
+    "fastai DataLoaders for settings `s`: test set as validation, seed augmentations on the training split."
+    train, test, _ = cifar_files(root)
+    items = balanced_subset(train, s['train_size'], s['seed']) + balanced_subset(test, s['valid_size'], s['seed'])
+    images = DecodedImages(items)
+    dblock = DataBlock(
+        blocks=(TransformBlock(type_tfms=images, batch_tfms=IntToFloatTensor), CategoryBlock),
+        splitter=GrandparentSplitter(train_name='train', valid_name='test'),
+        get_y=parent_label,
+        item_tfms=[AlbumentationsTransform(seed_augmentations(s)), HWCToTensorImage()],
+        batch_tfms=Normalize.from_stats(*cifar_stats))
+    return dblock.dataloaders(items, bs=s['bs'], num_workers=s['workers'], device=s.get('device'))

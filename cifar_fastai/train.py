@@ -1,0 +1,125 @@
+"Building the Learner and running `fit` into a run folder that can be resumed."
+import json
+import os
+import platform
+from functools import partial
+from pathlib import Path
+
+import albumentations
+import fastai
+import torch
+from fastai.vision.all import CrossEntropyLossFlat, Learner, SGD, accuracy, set_seed
+
+from .augment import AlbumentationsTransform
+from .callbacks import CPUAutocast, Checkpoint, HistoryCSV, ResumeFromCheckpoint, StepLRScheduler
+from .data import cifar_dataloaders, locate_data
+from .errors import CifarFastaiError
+from .model import DilatedNet
+
+__all__ = ['default_workers', 'build_learner', 'fit_run', 'RUN_FILES']
+
+RUN_FILES = ('config.json', 'history.csv', 'curves.png', 'checkpoint.pth', 'learner.pkl')
+
+
+def default_workers():
+    # One worker per core keeps the augmentation off the training thread; torch's threads share the same cores.
+    return min(4, os.cpu_count() or 1)
+
+
+def use_cuda(): return torch.cuda.is_available()
+
+
+def precision_callbacks(precision):
+    if precision == 'fp32': return []
+    if use_cuda():
+        from fastai.callback.fp16 import MixedPrecision
+        return [MixedPrecision(amp_mode=precision)]
+    if precision == 'fp16': raise CifarFastaiError('precision fp16 needs a CUDA GPU; on the CPU use --precision bf16')
+    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise CifarFastaiError('precision bf16: this CPU has no bf16 support; use --precision fp32')
+    return [CPUAutocast()]
+
+
+def build_learner(s, root, path='.'):
+    "A fastai Learner of the seed's network on CIFAR-10 at `root`, for settings `s`."
+    dls = cifar_dataloaders(root, {**s, 'workers': default_workers() if s['workers'] is None else s['workers']})
+    loss = CrossEntropyLossFlat(label_smoothing=s['label_smoothing'])
+    # decouple_wd=False: L2 in the gradient, as torch.optim.SGD(weight_decay=...) in the seed.
+    opt = partial(SGD, mom=s['momentum'], decouple_wd=False)
+    return Learner(dls, DilatedNet(n_out=dls.c, p=s['dropout']), loss_func=loss, opt_func=opt, metrics=accuracy,
+                   wd=s['wd'], path=path)
+
+
+def aug_transform(learn):
+    return next(t for t in learn.dls.train.after_item.fs if isinstance(t, AlbumentationsTransform))
+
+
+def check_out_folder(out, force):
+    "Refuse, before any training, an --out we cannot write or that holds another run."
+    out = Path(out).expanduser()
+    parent = out.parent if not out.exists() else out
+    if not parent.is_dir(): raise CifarFastaiError(f'out: parent folder {parent} does not exist')
+    if not os.access(parent, os.W_OK): raise CifarFastaiError(f'out: {parent} is not writable')
+    if out.exists() and not out.is_dir(): raise CifarFastaiError(f'out: {out} is a file, not a folder')
+    held = [f for f in RUN_FILES if (out / f).exists()]
+    if held and not force:
+        raise CifarFastaiError(f'out: {out} holds another run ({", ".join(held)}); '
+                               f'continue it with --resume {out} or overwrite it with --force')
+    return out
+
+
+def versions():
+    return dict(python=platform.python_version(), torch=torch.__version__, fastai=fastai.__version__,
+                albumentations=albumentations.__version__)
+
+
+def fit_run(s, out, data=None, force=False):
+    "Train with settings `s` into a new run folder `out`."
+    out = check_out_folder(out, force)
+    return _fit(s, locate_data(data), out, ckpt=None)
+
+
+def resume_run(out, data=None):
+    "Continue the run in `out` from its last complete epoch, with the settings in its config.json."
+    out = Path(out).expanduser()
+    try:
+        cfg = json.loads((out / 'config.json').read_text())
+        s = cfg['settings']
+    except (OSError, ValueError, KeyError) as e:
+        raise CifarFastaiError(f'resume: {out} has no readable config.json ({type(e).__name__})') from None
+    ckpt_path = out / 'checkpoint.pth'
+    if not ckpt_path.exists(): raise CifarFastaiError(f'resume: {out} has no checkpoint.pth yet; start it again')
+    if (out / 'learner.pkl').exists(): raise CifarFastaiError(f'resume: the run in {out} has already finished')
+    try: ckpt = torch.load(ckpt_path, weights_only=False)
+    except Exception as e: raise CifarFastaiError(f'resume: cannot read {ckpt_path} ({type(e).__name__})') from None
+    _truncate_history(out / 'history.csv', ckpt['epoch'])
+    return _fit(s, locate_data(data or cfg['data']), out, ckpt=ckpt)
+
+
+def _truncate_history(path, n_rows):
+    # A kill between the history row and the checkpoint leaves a row the checkpoint does not know: drop it.
+    if not path.exists(): return
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(''.join(lines[:n_rows + 1]))
+
+
+def _fit(s, root, out, ckpt):
+    set_seed(s['seed'], reproducible=True)
+    learn = build_learner(s, root, path=out)  # reads and checks every image: bad data fails before out is touched
+    if not ckpt:
+        out.mkdir(exist_ok=True)
+        for f in RUN_FILES: (out / f).unlink(missing_ok=True)  # --force
+        (out / 'config.json').write_text(json.dumps(dict(settings=s, data=str(root), versions=versions()), indent=2))
+    aug = aug_transform(learn)
+    start = ckpt['epoch'] if ckpt else 0
+    cbs = [HistoryCSV(out, start_epoch=start), Checkpoint(out / 'checkpoint.pth', aug), *precision_callbacks(s['precision'])]
+    if ckpt: cbs.append(ResumeFromCheckpoint(ckpt, aug))
+    if start >= s['epochs']:  # killed after the last epoch, before the export
+        learn.model.load_state_dict(ckpt['model'])
+    else:
+        if s['schedule'] == 'step':
+            learn.fit(s['epochs'], s['lr'], cbs=cbs + [StepLRScheduler(s['step_size'], s['gamma'])])
+        else:
+            learn.fit_one_cycle(s['epochs'], s['lr'], cbs=cbs)
+    learn.export('learner.pkl')
+    return learn

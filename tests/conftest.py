@@ -1,0 +1,63 @@
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_TGZ = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'cifar10-jpg.tgz'
+CLASSES = ('cat', 'dog', 'ship')
+
+
+def make_cifar(root, n_train=6, n_test=3, classes=CLASSES, seed=0):
+    "A tiny CIFAR-layout folder: each class its own colour plus noise, so a net can tell them apart."
+    rng = np.random.default_rng(seed)
+    for split, n in (('train', n_train), ('test', n_test)):
+        for ci, c in enumerate(classes):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = np.zeros((32, 32, 3)) + 255 * (np.arange(3) == ci % 3)
+                px = np.clip(base * 0.7 + rng.integers(0, 80, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(px).save(root / split / c / f'{i:04d}.png')
+    (root / 'labels.txt').write_text('\n'.join(classes) + '\n')
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch):
+    "No test reads the user's data, cache or fastai config."
+    monkeypatch.delenv('CIFAR_FASTAI_DATA', raising=False)
+    monkeypatch.setenv('CIFAR_FASTAI_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setenv('FASTAI_HOME', str(tmp_path / 'fastai_home'))
+    monkeypatch.setenv('CIFAR_FASTAI_URL', (tmp_path / 'nowhere' / 'cifar10.tgz').as_uri())
+    from fastai.data.external import fastai_cfg
+    fastai_cfg.cache_clear()  # fastai caches its config, FASTAI_HOME included, for the life of the process
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path):
+    return make_cifar(tmp_path / 'data' / 'cifar10')
+
+
+@pytest.fixture
+def tiny_tgz(tmp_path, tiny_cifar):
+    path = tmp_path / 'cifar10.tgz'
+    with tarfile.open(path, 'w:gz') as tf: tf.add(tiny_cifar, arcname='cifar10')
+    return path
+
+
+@pytest.fixture
+def shared_tgz():
+    if not SHARED_TGZ.exists(): pytest.skip('the shared CIFAR-10 copy (../shared/data) is not on this machine')
+    return SHARED_TGZ
+
+
+def run_cli(*args, check=True, timeout=600, env=None):
+    "The real `cifar-fastai` command in a fresh process."
+    res = subprocess.run([sys.executable, '-m', 'cifar_fastai', *map(str, args)], capture_output=True, text=True,
+                         timeout=timeout, env={**os.environ, **(env or {})})
+    if check and res.returncode != 0: raise AssertionError(f'cifar-fastai {args} failed:\n{res.stderr[-3000:]}')
+    return res

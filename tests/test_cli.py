@@ -1,0 +1,92 @@
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from cifar_fastai.cli import main
+from conftest import run_cli
+
+
+def fails_with_one_line(capsys, args, match):
+    with pytest.raises(SystemExit) as e: main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code != 0
+    assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
+    assert err.startswith('cifar-fastai: error:') and match in err, err
+
+
+@pytest.mark.parametrize('args, match', [
+    (['fit', '--epochs', '0'], 'epochs must be positive'),
+    (['fit', '--bs', '-4'], 'bs must be positive'),
+    (['fit', '--lr', '0'], 'lr must be positive'),
+    (['fit', '--lr', '-0.1'], 'lr must be positive'),
+    (['fit', '--schedule', 'cosine'], "invalid choice: 'cosine'"),
+    (['fit', '--epochs', 'ten'], "invalid int value: 'ten'"),
+    (['fit', '--no-such-flag'], 'unrecognized arguments: --no-such-flag'),
+    (['train'], "unknown command 'train'"),
+])
+def test_nonsense_arguments_get_one_line(capsys, tmp_path, args, match):
+    fails_with_one_line(capsys, args + ['--out', str(tmp_path / 'run')] if args[0] == 'fit' else args, match)
+    assert not (tmp_path / 'run').exists()
+
+
+def test_bad_data_gets_one_line(capsys, tmp_path, tiny_cifar):
+    out = ['--out', str(tmp_path / 'run')]
+    fails_with_one_line(capsys, ['fit', '--data', str(tmp_path / 'nowhere'), *out], 'does not exist')
+    fails_with_one_line(capsys, ['fit', '--data', str(tiny_cifar / 'train'), *out], 'not a CIFAR-10 folder')
+    junk = tmp_path / 'junk.tgz'
+    junk.write_bytes(b'\x1f\x8b garbage')
+    fails_with_one_line(capsys, ['fit', '--data', str(junk), *out], 'neither a folder nor a readable')
+    (tiny_cifar / 'test' / 'frog').mkdir()
+    fails_with_one_line(capsys, ['fit', '--data', str(tiny_cifar), *out], 'frog has no images')
+    assert not (tmp_path / 'run').exists()
+
+
+def test_offline_without_data_says_how_to_point_at_a_copy(capsys, tmp_path):
+    fails_with_one_line(capsys, ['fit', '--out', str(tmp_path / 'run')], 'CIFAR_FASTAI_DATA')
+
+
+def test_unknown_config_key_gets_one_line(capsys, tmp_path):
+    cfg = tmp_path / 'x.toml'
+    cfg.write_text('epochs = 3\nlearnrate = 0.1\n')
+    fails_with_one_line(capsys, ['fit', '--config', str(cfg), '--out', str(tmp_path / 'run')], 'learnrate')
+
+
+def test_help_lists_commands_and_options(capsys):
+    with pytest.raises(SystemExit) as e: main(['--help'])
+    assert e.value.code == 0 and 'fit' in capsys.readouterr().out
+    with pytest.raises(SystemExit): main(['fit', '--help'])
+    out = capsys.readouterr().out
+    assert all(f in out for f in ('--data', '--epochs', '--schedule', '--step-size', '--train-size', '--config'))
+
+
+def test_summary_prints_the_table_and_197613_parameters():
+    out = run_cli('summary').stdout
+    assert 'Total params: 197,613' in out and 'Linear-48' in out and 'Receptive field' in out
+
+
+def test_fit_writes_the_run_folder_and_lr_follows_step_lr(tmp_path, tiny_cifar):
+    out = tmp_path / 'run'
+    run_cli('fit', '--data', tiny_cifar, '--epochs', 5, '--step-size', 2, '--gamma', 0.5, '--lr', 0.1,
+            '--bs', 4, '--workers', 0, '--out', out)
+    for f in ('config.json', 'history.csv', 'curves.png', 'learner.pkl'): assert (out / f).stat().st_size > 0
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['settings']['step_size'] == 2 and {'torch', 'fastai', 'albumentations'} <= set(cfg['versions'])
+    hist = pd.read_csv(out / 'history.csv')
+    assert list(hist.columns) == ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'lr', 'seconds']
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched, torch_lrs = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5), []
+    for _ in range(5):
+        torch_lrs.append(sched.get_last_lr()[0])
+        opt.step(), sched.step()
+    assert hist.epoch.tolist() == [0, 1, 2, 3, 4]
+    assert hist.lr.tolist() == pytest.approx(torch_lrs, rel=1e-12)
+
+
+def test_fit_refuses_a_folder_holding_another_run(capsys, tmp_path, tiny_cifar):
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'history.csv').write_text('epoch\n0\n')
+    fails_with_one_line(capsys, ['fit', '--data', str(tiny_cifar), '--out', str(out)], 'holds another run')
+    assert (out / 'history.csv').read_text() == 'epoch\n0\n'

@@ -1,0 +1,100 @@
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifar_fastai.config import resolve_settings
+from cifar_fastai.data import balanced_subset, cifar_dataloaders, cifar_files, download_cifar, locate_data
+from cifar_fastai.errors import CifarFastaiError
+from conftest import CLASSES
+
+
+def test_folder_or_its_parent_is_found(tiny_cifar):
+    assert locate_data(str(tiny_cifar)) == tiny_cifar
+    assert locate_data(str(tiny_cifar.parent)) == tiny_cifar
+
+
+def test_archive_is_unpacked_once_into_the_cache(tiny_tgz, tmp_path):
+    root = locate_data(str(tiny_tgz))
+    assert root.is_relative_to(tmp_path / 'cache') and (root / 'train' / 'cat').is_dir()
+    marker = root / 'train' / 'marker'
+    marker.write_text('x')
+    assert locate_data(str(tiny_tgz)) == root and marker.exists()
+
+
+def test_environment_variable_points_at_the_data(tiny_cifar, monkeypatch):
+    monkeypatch.setenv('CIFAR_FASTAI_DATA', str(tiny_cifar))
+    assert locate_data() == tiny_cifar
+
+
+def test_download_uses_fastai_untar_data(tiny_tgz, tmp_path):
+    root = download_cifar(tiny_tgz.as_uri())
+    assert root.is_relative_to(tmp_path / 'fastai_home') and sorted(cifar_files(root)[2]) == list(CLASSES)
+
+
+def test_failed_download_says_how_to_point_at_a_copy():
+    with pytest.raises(CifarFastaiError, match='could not download CIFAR-10.*--data PATH or CIFAR_FASTAI_DATA'):
+        locate_data()
+
+
+def test_missing_path_not_a_layout_and_bad_archive_are_refused(tmp_path):
+    with pytest.raises(CifarFastaiError, match='does not exist'): locate_data(str(tmp_path / 'nope'))
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(CifarFastaiError, match='not a CIFAR-10 folder'): locate_data(str(tmp_path / 'empty'))
+    junk = tmp_path / 'junk.tgz'
+    junk.write_bytes(b'not an archive at all')
+    with pytest.raises(CifarFastaiError, match='neither a folder nor a readable'): locate_data(str(junk))
+
+
+def test_truncated_archive_is_refused(tiny_tgz, tmp_path):
+    cut = tmp_path / 'cut.tgz'
+    cut.write_bytes(tiny_tgz.read_bytes()[:len(tiny_tgz.read_bytes()) // 2])
+    with pytest.raises(CifarFastaiError, match='cut.tgz'): locate_data(str(cut))
+    assert not any((tmp_path / 'cache').glob('cut.tgz*'))  # nothing half-unpacked left to be reused
+
+
+def test_class_folder_without_images_is_refused(tiny_cifar):
+    (tiny_cifar / 'train' / 'frog').mkdir()
+    (tiny_cifar / 'train' / 'frog' / 'notes.txt').write_text('no images here')
+    with pytest.raises(CifarFastaiError, match='class folder .*frog has no images'): cifar_files(tiny_cifar)
+
+
+def test_corrupt_image_is_named_before_training(tiny_cifar):
+    bad = tiny_cifar / 'train' / 'dog' / '0001.png'
+    bad.write_bytes(bad.read_bytes()[:40])
+    with pytest.raises(CifarFastaiError, match='0001.png'): cifar_dataloaders(tiny_cifar, resolve_settings({'workers': 0}))
+
+
+def test_balanced_subset_draws_evenly_from_every_class(tiny_cifar):
+    train, _, _ = cifar_files(tiny_cifar)
+    sub = balanced_subset(train, 7, seed=1)
+    counts = sorted(sum(f.parent.name == c for f in sub) for c in CLASSES)
+    assert len(sub) == 7 and counts == [2, 2, 3]
+    assert sub == balanced_subset(train, 7, seed=1)
+
+
+def test_odd_sized_and_odd_mode_images_become_32x32_rgb(tiny_cifar):
+    Image.new('L', (50, 20), 128).save(tiny_cifar / 'train' / 'cat' / 'big.png')
+    Image.new('RGBA', (8, 8), (1, 2, 3, 4)).save(tiny_cifar / 'train' / 'cat' / 'small.png')
+    dls = cifar_dataloaders(tiny_cifar, resolve_settings({'workers': 0, 'bs': 4}))
+    x, y = dls.one_batch()
+    assert x.shape == (4, 3, 32, 32)
+
+
+def normalised(raw):
+    from fastai.vision.all import cifar_stats
+    mean, std = (np.array(v).reshape(1, 3, 1, 1) for v in cifar_stats)
+    return (raw.transpose(0, 3, 1, 2) / 255 - mean) / std
+
+
+def test_validation_images_pass_untouched_and_training_images_are_augmented(tiny_cifar):
+    s = resolve_settings({'workers': 0, 'bs': 9, 'shift_scale_rotate_p': 1.0, 'cutout_p': 1.0})
+    dls = cifar_dataloaders(tiny_cifar, s)
+    valid_x, _ = dls.valid.one_batch()
+    raw = np.stack([np.asarray(Image.open(f).convert('RGB')) for f in dls.valid.items])
+    assert np.allclose(valid_x.numpy(), normalised(raw), atol=1e-5)
+    train_dl = dls.train.new(shuffle=False, drop_last=False)
+    train_x, _ = train_dl.one_batch()
+    raw_train = np.stack([np.asarray(Image.open(f).convert('RGB')) for f in train_dl.items[:9]])
+    assert not np.allclose(train_x.numpy(), normalised(raw_train), atol=1e-2)
