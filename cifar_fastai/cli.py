@@ -64,7 +64,27 @@ def fit(data: Annotated[str, DATA_HELP] = None,
         fit_run(s, out or f'runs/{time.strftime("%Y%m%d-%H%M%S")}', data=data, force=force)
 
 
-COMMANDS = {'summary': summary, 'fit': fit}
+def bench(data: Annotated[str, DATA_HELP] = None,
+          train_size: Annotated[int, 'Training images per measured epoch'] = 5120,
+          bs: Annotated[int, 'Batch size ' + _d('bs')] = None,
+          workers: Annotated[int, 'DataLoader worker processes (default: one per core, at most 4)'] = None,
+          precision: Annotated[str, 'Comma-separated precisions to compare'] = 'fp32,bf16',
+          repeats: Annotated[int, 'Measured repeats after one warm-up; medians are reported'] = 3,
+          out: Annotated[str, 'CSV file for the table'] = 'bench.csv'):
+    "Measure images/s: data pipeline, Learner.fit against a plain PyTorch loop, exported-learner inference."
+    from .bench import run_bench
+    from .data import locate_data
+    precisions = tuple(p.strip() for p in precision.split(','))
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad: raise CifarFastaiError(f'precision must be among {", ".join(PRECISIONS)}, got {", ".join(bad)}')
+    if repeats < 1: raise CifarFastaiError(f'repeats must be positive, got {repeats}')
+    s = resolve_settings(dict(train_size=train_size, bs=bs, workers=workers))
+    table = run_bench(locate_data(data), s, precisions, repeats)
+    table.to_csv(out, index=False)
+    print(f'written to {out}')
+
+
+COMMANDS = {'summary': summary, 'fit': fit, 'bench': bench}
 
 
 def _fail(msg, code):

@@ -74,19 +74,19 @@ def find_root(folder):
 
 def cifar_files(root):
     "(train files, test files, class names); every class must have images in both splits."
-    files = {}
+    files, classes = {}, {}
     for split in ('train', 'test'):
-        found = get_image_files(root / split, recurse=True, folders=None)
-        files[split] = sorted(f for f in found if f.parent.parent == root / split)
-        for d in sorted(p for p in (root / split).iterdir() if p.is_dir()):
-            if not any(f.parent == d for f in files[split]):
-                raise CifarFastaiError(f'data: class folder {d} has no images')
-    classes = sorted({f.parent.name for f in files['train']})
-    if not classes: raise CifarFastaiError(f'data: {root / "train"} has no class folders with images')
-    test_classes = sorted({f.parent.name for f in files['test']})
-    if test_classes != classes:
-        raise CifarFastaiError(f'data: train/ and test/ hold different classes ({classes} vs {test_classes})')
-    return files['train'], files['test'], classes
+        by_class = {d.name: [] for d in (root / split).iterdir() if d.is_dir()}
+        for f in get_image_files(root / split):
+            if f.parent.parent == root / split: by_class[f.parent.name].append(f)
+        empty = sorted(c for c, fs in by_class.items() if not fs)
+        if empty: raise CifarFastaiError(f'data: class folder {root / split / empty[0]} has no images')
+        classes[split] = sorted(by_class)
+        files[split] = [f for c in classes[split] for f in sorted(by_class[c], key=str)]
+    if not classes['train']: raise CifarFastaiError(f'data: {root / "train"} has no class folders with images')
+    if classes['test'] != classes['train']:
+        raise CifarFastaiError(f'data: train/ and test/ hold different classes ({classes["train"]} vs {classes["test"]})')
+    return files['train'], files['test'], classes['train']
 
 
 def balanced_subset(files, n, seed):
@@ -108,7 +108,7 @@ def load_rgb32(path):
     with Image.open(path) as im:
         im = im.convert('RGB')
         if im.size != (IMAGE_SIZE, IMAGE_SIZE): im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-        return np.asarray(im)
+        return np.array(im)  # a writable copy: torch warns on read-only arrays
 
 
 class DecodedImages:

@@ -1,7 +1,8 @@
 "The seed's network: four convolution blocks of plain, dilated, depthwise-separable and strided convs."
+import torch
 from torch import nn
 
-__all__ = ['DilatedNet', 'receptive_field']
+__all__ = ['DilatedNet', 'Dropout', 'receptive_field']
 
 
 def conv(ni, nf, ks=3, stride=1, padding=0, dilation=1, groups=1):
@@ -9,8 +10,21 @@ def conv(ni, nf, ks=3, stride=1, padding=0, dilation=1, groups=1):
     return nn.Conv2d(ni, nf, ks, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=False)
 
 
+class Dropout(nn.Dropout):
+    "nn.Dropout with a cheaper mask: the same layer, but drawing 15 random bits per element instead of a float."
+    # Profiling showed torch's CPU bernoulli_ taking a quarter of a bf16 training step; four 15-bit draws from
+    # one int64 cost ~6x less. p is honoured to 1/32768.
+    def forward(self, x):
+        if not self.training or self.p == 0: return x
+        bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_()
+        r = bits.view(torch.int16)[:x.numel()].view(x.shape)
+        # In place, one pass each: keep with probability 1-p, scaled by 1/(1-p) as nn.Dropout does.
+        keep = r.bitwise_and_(0x7FFF).ge_(round(self.p * 32768)).to(x.dtype).mul_(1 / (1 - self.p))
+        return x * keep
+
+
 def relu_bn_drop(nf, p):
-    return [nn.ReLU(), nn.BatchNorm2d(nf), nn.Dropout(p)]
+    return [nn.ReLU(), nn.BatchNorm2d(nf), Dropout(p)]
 
 
 class DilatedNet(nn.Module):

@@ -8,6 +8,8 @@ from pathlib import Path
 import albumentations
 import fastai
 import torch
+from fastai.callback.channelslast import ChannelsLast
+from fastai.callback.fp16 import MixedPrecision
 from fastai.vision.all import CrossEntropyLossFlat, Learner, SGD, accuracy, set_seed
 
 from .augment import AlbumentationsTransform
@@ -16,24 +18,32 @@ from .data import cifar_dataloaders, locate_data
 from .errors import CifarFastaiError
 from .model import DilatedNet
 
-__all__ = ['default_workers', 'build_learner', 'fit_run', 'RUN_FILES']
+__all__ = ['default_workers', 'channels_last_helps', 'precision_callbacks', 'build_learner', 'fit_run', 'resume_run',
+           'RUN_FILES']
 
 RUN_FILES = ('config.json', 'history.csv', 'curves.png', 'checkpoint.pth', 'learner.pkl')
 
 
 def default_workers():
-    # One worker per core keeps the augmentation off the training thread; torch's threads share the same cores.
-    return min(4, os.cpu_count() or 1)
+    # Measured (README, Speed): on 2 cores, worker processes only take CPU from torch's two threads, and the
+    # main process interleaving augmentation with training is fastest. With more cores, workers run beside.
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(4, cores // 2)
 
 
 def use_cuda(): return torch.cuda.is_available()
 
 
+def channels_last_helps(precision):
+    # Measured on this CPU: channels-last makes fp32 ~15% faster and bf16 autocast ~7% slower; on CUDA it helps both.
+    return precision == 'fp32' or use_cuda()
+
+
 def precision_callbacks(precision):
-    if precision == 'fp32': return []
-    if use_cuda():
-        from fastai.callback.fp16 import MixedPrecision
-        return [MixedPrecision(amp_mode=precision)]
+    "Callbacks that make `fit` run at `precision` in the fastest memory format for it."
+    fmt = [ChannelsLast()] if channels_last_helps(precision) else []
+    if precision == 'fp32': return fmt
+    if use_cuda(): return fmt + [MixedPrecision(amp_mode=precision)]
     if precision == 'fp16': raise CifarFastaiError('precision fp16 needs a CUDA GPU; on the CPU use --precision bf16')
     if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise CifarFastaiError('precision bf16: this CPU has no bf16 support; use --precision fp32')
