@@ -14,7 +14,7 @@ from fastai.vision.all import cifar_stats
 from .augment import seed_augmentations
 from .data import DecodedImages, balanced_subset, cifar_files
 from .model import DilatedNet
-from .train import build_learner, channels_last_helps, default_workers, precision_callbacks
+from .train import build_learner, channels_last_helps, default_workers, inference_callbacks, precision_callbacks
 
 __all__ = ['run_bench']
 
@@ -103,11 +103,12 @@ def run_bench(root, s, precisions=('fp32', 'bf16'), repeats=3):
     with tempfile.TemporaryDirectory() as tmp:
         learn.export(Path(tmp) / 'learner.pkl')
         infer = load_learner(Path(tmp) / 'learner.pkl', cpu=True)
+    cbs = inference_callbacks(infer, 'fp32')
     test_files = learn.dls.valid.items
     rates = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
-        with infer.no_bar(): infer.get_preds(dl=infer.dls.test_dl(test_files, bs=256))
+        with infer.no_bar(): infer.get_preds(dl=infer.dls.test_dl(test_files, bs=128), cbs=cbs)
         rates.append(len(test_files) / (time.perf_counter() - t0))
-    add('inference: exported learner, files, bs 256', 'fp32', rates[1:])
+    add('inference: exported learner, files, bs 128', 'fp32', rates[1:])
     return pd.DataFrame(rows)

@@ -35,8 +35,10 @@ class CPUAutocast(Callback):
         self.ctx = torch.autocast('cpu', dtype=torch.bfloat16)
         self.ctx.__enter__()
 
-    def after_pred(self): self.learn.pred = to_float(self.pred)
-    def after_loss(self): self.ctx.__exit__(None, None, None)
+    def after_pred(self):
+        # Leave autocast once the forward is done: the loss runs in fp32, and predictions have no loss step.
+        self.ctx.__exit__(None, None, None)
+        self.learn.pred = to_float(self.pred)
 
 
 class ResumeFromCheckpoint(Callback):

@@ -2,8 +2,10 @@
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Annotated
 
+from fastcore.meta import delegates
 from fastcore.script import anno_parser
 
 from .config import DEFAULTS, PRECISIONS, SCHEDULES, resolve_settings
@@ -19,23 +21,12 @@ def _d(k): return f'(default: {DEFAULTS[k]})'
 
 
 DATA_HELP = 'CIFAR-10 folder (train/, test/) or .tgz of one; default $CIFAR_FASTAI_DATA, else download'
+PRECISION_HELP = 'bf16: autocast on the CPU, mixed precision on CUDA ' + _d('precision')
 
 
-def summary(dropout: Annotated[float, 'Dropout rate ' + _d('dropout')] = None):
-    "Print the network's layer table (the seed's), its parameter count and receptive field."
-    from .model import DilatedNet, receptive_field
-    from .summary import format_layer_table, layer_table
-    model = DilatedNet(p=DEFAULTS['dropout'] if dropout is None else dropout)
-    print(format_layer_table(layer_table(model)))
-    print(f'Receptive field of the last conv layer: {receptive_field(model)}x{receptive_field(model)} pixels')
-
-
-def fit(data: Annotated[str, DATA_HELP] = None,
+def _settings(
+        data: Annotated[str, DATA_HELP] = None,
         config: Annotated[str, 'Experiment TOML file (see experiments/); flags override it'] = None,
-        out: Annotated[str, 'Run folder for config.json, history.csv, curves.png, learner.pkl '
-                            '(default: runs/<date-time>)'] = None,
-        resume: Annotated[str, 'Continue the killed run in this folder, with its own settings'] = None,
-        force: Annotated[bool, 'Overwrite a run already in --out'] = False,
         epochs: Annotated[int, 'Epochs to train ' + _d('epochs')] = None,
         bs: Annotated[int, 'Batch size ' + _d('bs')] = None,
         lr: Annotated[float, 'Learning rate; the maximum for one-cycle ' + _d('lr')] = None,
@@ -47,30 +38,119 @@ def fit(data: Annotated[str, DATA_HELP] = None,
         gamma: Annotated[float, 'StepLR: lr multiplier at each drop ' + _d('gamma')] = None,
         dropout: Annotated[float, 'Dropout rate ' + _d('dropout')] = None,
         label_smoothing: Annotated[float, 'Label smoothing ' + _d('label_smoothing')] = None,
-        precision: Annotated[str, 'bf16: autocast on the CPU, mixed precision on CUDA ' + _d('precision'),
-                             {'choices': PRECISIONS}] = None,
+        precision: Annotated[str, PRECISION_HELP, {'choices': PRECISIONS}] = None,
         seed: Annotated[int, 'Random seed: runs with the same seed repeat ' + _d('seed')] = None,
-        workers: Annotated[int, 'DataLoader worker processes (default: one per core, at most 4)'] = None,
+        workers: Annotated[int, 'DataLoader worker processes (default: 0 on 2 cores, else half the cores, <= 4)'] = None,
         train_size: Annotated[int, 'Train on a random class-balanced subset of this many images'] = None,
         valid_size: Annotated[int, 'Validate on a random class-balanced subset of this many images'] = None):
+    "The settings every training-like command shares (see config.DEFAULTS)."
+
+
+def summary(dropout: Annotated[float, 'Dropout rate ' + _d('dropout')] = None):
+    "Print the network's layer table (the seed's), its parameter count and receptive field."
+    from .model import DilatedNet, receptive_field
+    from .summary import format_layer_table, layer_table
+    model = DilatedNet(p=DEFAULTS['dropout'] if dropout is None else dropout)
+    print(format_layer_table(layer_table(model)))
+    print(f'Receptive field of the last conv layer: {receptive_field(model)}x{receptive_field(model)} pixels')
+
+
+@delegates(_settings)
+def fit(out: Annotated[str, 'Run folder for config.json, history.csv, curves.png, learner.pkl, model.safetensors '
+                            '(default: runs/<date-time>)'] = None,
+        resume: Annotated[str, 'Continue the killed run in this folder, with its own settings'] = None,
+        force: Annotated[bool, 'Overwrite a run already in --out'] = False,
+        **kwargs):
     "Train the seed's network on CIFAR-10 (SGD + StepLR by default, or one-cycle) into a run folder."
     from .train import fit_run, resume_run
     if resume:
-        given = [k for k, v in locals().items() if k in DEFAULTS and v is not None] + (['config'] if config else [])
-        if given: raise CifarFastaiError(f'--resume continues with the run\'s own settings; drop {", ".join(given)}')
-        resume_run(resume, data)
+        given = [k for k, v in kwargs.items() if v is not None and k != 'data']
+        if given: raise CifarFastaiError(f'--resume continues with the run\'s own settings; drop --{", --".join(given)}')
+        resume_run(resume, kwargs['data'])
     else:
-        s = resolve_settings(locals(), config)
-        fit_run(s, out or f'runs/{time.strftime("%Y%m%d-%H%M%S")}', data=data, force=force)
+        s = resolve_settings(kwargs, kwargs['config'])
+        fit_run(s, out or f'runs/{time.strftime("%Y%m%d-%H%M%S")}', data=kwargs['data'], force=force)
 
 
-def bench(data: Annotated[str, DATA_HELP] = None,
-          train_size: Annotated[int, 'Training images per measured epoch'] = 5120,
-          bs: Annotated[int, 'Batch size ' + _d('bs')] = None,
-          workers: Annotated[int, 'DataLoader worker processes (default: one per core, at most 4)'] = None,
+@delegates(_settings, but=['epochs', 'lr', 'schedule', 'step_size', 'gamma'])
+def lr_find(out: Annotated[str, 'Folder for lr_find.png'] = '.',
+            start_lr: Annotated[float, 'Smallest learning rate tried'] = 1e-7,
+            end_lr: Annotated[float, 'Largest learning rate tried'] = 10.0,
+            num_it: Annotated[int, 'Mini-batches to try (one learning rate each)'] = 100,
+            **kwargs):
+    "Run fastai's learning-rate finder: save lr_find.png and print the valley/slide/minimum/steep suggestions."
+    from .data import locate_data
+    from .lrfind import find_lr
+    from fastai.torch_core import set_seed
+    from .train import build_learner, precision_callbacks
+    if not 0 < start_lr < end_lr: raise CifarFastaiError(f'need 0 < start-lr < end-lr, got {start_lr} and {end_lr}')
+    if num_it < 40: raise CifarFastaiError(f'num-it must be at least 40 (for the suggestions), got {num_it}')
+    s = resolve_settings(kwargs, kwargs['config'])
+    out = _out_folder(out)
+    root = locate_data(kwargs['data'])
+    set_seed(s['seed'], reproducible=True)
+    learn = build_learner(s, root, path=out)
+    sugg = find_lr(learn, out / 'lr_find.png', start_lr, end_lr, num_it, cbs=precision_callbacks(s['precision']))
+    for name, v in sugg.items(): print(f'{name:>8}: {v:.2e}')
+    print(f'plot: {out / "lr_find.png"}')
+
+
+def evaluate(model: Annotated[str, 'learner.pkl, or model.safetensors with model.json beside it'],
+             data: Annotated[str, DATA_HELP] = None,
+             out: Annotated[str, 'Folder for per_class.csv and the plots (default: beside the model)'] = None,
+             precision: Annotated[str, 'fp32 or bf16 (autocast on the CPU)', {'choices': PRECISIONS}] = 'fp32',
+             cpu: Annotated[bool, 'Run on the CPU even when a GPU is there (always, without one)'] = False):
+    "Accuracy of a trained model on the whole test set, per-class table, confusion matrix and top losses."
+    from .artifacts import load_for_inference
+    from .data import cifar_files, locate_data
+    from .interpret import evaluate_learner
+    from .train import inference_callbacks
+    learn = load_for_inference(model, cpu)
+    root = locate_data(data)
+    _, test, classes = cifar_files(root)
+    if list(classes) != list(learn.dls.vocab):
+        raise CifarFastaiError(f'data: classes {classes} differ from the model\'s {list(learn.dls.vocab)}')
+    out = _out_folder(out or Path(model).expanduser().parent)
+    acc, table = evaluate_learner(learn, test, out, cbs=inference_callbacks(learn, precision))
+    print(table.to_string(float_format=lambda v: f'{v:.4f}'))
+    print(f'accuracy: {acc:.4f} ({int(table.correct.sum())}/{int(table.images.sum())} test images)')
+    print(f'written: {out / "per_class.csv"}, {out / "confusion_matrix.png"}, {out / "top_losses.png"}')
+
+
+def predict(model: Annotated[str, 'learner.pkl or model.safetensors'],
+            paths: Annotated[str, 'Image files or folders of them', {'nargs': '+'}] = None,
+            format: Annotated[str, 'Output format', {'choices': ('text', 'csv', 'json')}] = 'text',
+            top_k: Annotated[int, 'Show the K most likely classes'] = 1,
+            bs: Annotated[int, 'Images per batch'] = 128,
+            cpu: Annotated[bool, 'Run on the CPU even when a GPU is there (always, without one)'] = False):
+    "Predict the class of image files (any size or mode: converted to 32x32 RGB), in batches."
+    from .artifacts import load_for_inference
+    from .predict import collect_images, predict_files
+    from .train import inference_callbacks
+    if top_k < 1 or bs < 1: raise CifarFastaiError(f'top-k and bs must be positive, got {top_k} and {bs}')
+    if not paths: raise CifarFastaiError('give at least one image file or folder to predict')
+    learn = load_for_inference(model, cpu)
+    files, bad = collect_images(paths)
+    if files:
+        rows = predict_files(learn, files, top_k, bs, cbs=inference_callbacks(learn, 'fp32'))
+        if format == 'csv': print(rows.to_csv(index=False), end='')
+        elif format == 'json':
+            print(rows.groupby('path', sort=False)[['class', 'probability']]
+                  .apply(lambda g: g.to_dict('records')).reset_index(name='predictions').to_json(orient='records'))
+        else:
+            for path, g in rows.groupby('path', sort=False):
+                print(path, ', '.join(f'{c} {p:.4f}' for c, p in zip(g['class'], g.probability)), sep='\t')
+    for path, why in bad: print(f'cifar-fastai: skipped {path}: {why}', file=sys.stderr)
+    if bad: raise CifarFastaiError(f'{len(bad)} of {len(files) + len(bad)} paths could not be predicted (listed above)')
+
+
+@delegates(_settings, but=['config', 'epochs', 'lr', 'schedule', 'step_size', 'gamma', 'dropout', 'label_smoothing',
+                           'precision', 'seed', 'valid_size', 'wd', 'momentum', 'train_size'])
+def bench(train_size: Annotated[int, 'Training images per measured epoch'] = 5120,
           precision: Annotated[str, 'Comma-separated precisions to compare'] = 'fp32,bf16',
           repeats: Annotated[int, 'Measured repeats after one warm-up; medians are reported'] = 3,
-          out: Annotated[str, 'CSV file for the table'] = 'bench.csv'):
+          out: Annotated[str, 'CSV file for the table'] = 'bench.csv',
+          **kwargs):
     "Measure images/s: data pipeline, Learner.fit against a plain PyTorch loop, exported-learner inference."
     from .bench import run_bench
     from .data import locate_data
@@ -78,13 +158,22 @@ def bench(data: Annotated[str, DATA_HELP] = None,
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad: raise CifarFastaiError(f'precision must be among {", ".join(PRECISIONS)}, got {", ".join(bad)}')
     if repeats < 1: raise CifarFastaiError(f'repeats must be positive, got {repeats}')
-    s = resolve_settings(dict(train_size=train_size, bs=bs, workers=workers))
-    table = run_bench(locate_data(data), s, precisions, repeats)
+    s = resolve_settings(dict(kwargs, train_size=train_size))
+    table = run_bench(locate_data(kwargs['data']), s, precisions, repeats)
     table.to_csv(out, index=False)
     print(f'written to {out}')
 
 
-COMMANDS = {'summary': summary, 'fit': fit, 'bench': bench}
+COMMANDS = {'summary': summary, 'fit': fit, 'lr-find': lr_find, 'evaluate': evaluate, 'predict': predict,
+            'bench': bench}
+POSITIONAL = {'evaluate': ['model'], 'predict': ['model', 'paths']}
+
+
+def _out_folder(out):
+    out = Path(out).expanduser()
+    try: out.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise CifarFastaiError(f'out: cannot create {out} ({e.strerror})') from None
+    return out
 
 
 def _fail(msg, code):
@@ -102,7 +191,7 @@ def main(argv=None):
     cmd, *rest = argv
     if cmd not in COMMANDS: _fail(f'unknown command {cmd!r}; choose from {", ".join(COMMANDS)}', 2)
     func = COMMANDS[cmd]
-    parser = anno_parser(func, prog=f'cifar-fastai {cmd}')
+    parser = anno_parser(func, prog=f'cifar-fastai {cmd}', pos=POSITIONAL.get(cmd))
     parser.error = lambda msg: _fail(f'{cmd}: {msg}', 2)  # one line, not argparse's usage dump
     args = vars(parser.parse_args(rest))
     args.pop('pdb', None), args.pop('xtra', None)

@@ -12,10 +12,11 @@ from fastai.vision.all import (CategoryBlock, DataBlock, GrandparentSplitter, In
 from PIL import Image
 
 from .augment import AlbumentationsTransform, HWCToTensorImage, seed_augmentations
+from .config import DEFAULTS
 from .errors import CifarFastaiError
 
-__all__ = ['locate_data', 'download_cifar', 'cifar_files', 'balanced_subset', 'load_rgb32', 'DecodedImages',
-           'cifar_dataloaders']
+__all__ = ['locate_data', 'download_cifar', 'cifar_files', 'balanced_subset', 'load_rgb32', 'UNREADABLE', 'DecodedImages',
+           'cifar_datablock', 'cifar_dataloaders', 'inference_dataloaders']
 
 IMAGE_SIZE = 32
 
@@ -103,9 +104,17 @@ def balanced_subset(files, n, seed):
     return sorted(picked)
 
 
+# What PIL raises for files that are not (whole) images.
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def load_rgb32(path):
     "Any image file as a 32x32 RGB uint8 array: every mode converted to RGB, every size resized the same way."
     with Image.open(path) as im:
+        if im.mode.startswith('I'):  # 16/32-bit greyscale: scale 0..65535 down to 0..255 rather than clip
+            im = Image.fromarray((np.asarray(im, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
+        elif im.mode == 'P' and 'transparency' in im.info:
+            im = im.convert('RGBA')  # what PIL asks for before dropping a palette's transparency
         im = im.convert('RGB')
         if im.size != (IMAGE_SIZE, IMAGE_SIZE): im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
         return np.array(im)  # a writable copy: torch warns on read-only arrays
@@ -113,13 +122,13 @@ def load_rgb32(path):
 
 class DecodedImages:
     "Every image decoded once into one uint8 array, looked up by path: epochs never touch the JPEG decoder."
-    def __init__(self, files):
+    def __init__(self, files=()):
         self.index = {f: i for i, f in enumerate(files)}
         self.pixels = np.empty((len(files), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
         bad = []
         for i, f in enumerate(files):
             try: self.pixels[i] = load_rgb32(f)
-            except (OSError, ValueError, SyntaxError) as e: bad.append(f'{f} ({type(e).__name__})')
+            except UNREADABLE as e: bad.append(f'{f} ({type(e).__name__})')
         if bad:
             more = f' and {len(bad) - 3} more' if len(bad) > 3 else ''
             raise CifarFastaiError(f'data: {len(bad)} unreadable image(s): {"; ".join(bad[:3])}{more}')
@@ -133,15 +142,31 @@ class DecodedImages:
         return dict(index={}, pixels=self.pixels[:0])
 
 
+def cifar_datablock(images, vocab=None, augment=None, stats=cifar_stats):
+    "(image, class) items from `images`; split on the grandparent folder (train/test), labelled by the parent."
+    return DataBlock(
+        blocks=(TransformBlock(type_tfms=images, batch_tfms=IntToFloatTensor), CategoryBlock(vocab=vocab)),
+        splitter=GrandparentSplitter(train_name='train', valid_name='test'),
+        get_y=parent_label,
+        item_tfms=[AlbumentationsTransform(augment or seed_augmentations(DEFAULTS)), HWCToTensorImage()],
+        batch_tfms=Normalize.from_stats(*stats))
+
+
 def cifar_dataloaders(root, s):
     "fastai DataLoaders for settings `s`: test set as validation, seed augmentations on the training split."
     train, test, _ = cifar_files(root)
     items = balanced_subset(train, s['train_size'], s['seed']) + balanced_subset(test, s['valid_size'], s['seed'])
-    images = DecodedImages(items)
-    dblock = DataBlock(
-        blocks=(TransformBlock(type_tfms=images, batch_tfms=IntToFloatTensor), CategoryBlock),
-        splitter=GrandparentSplitter(train_name='train', valid_name='test'),
-        get_y=parent_label,
-        item_tfms=[AlbumentationsTransform(seed_augmentations(s)), HWCToTensorImage()],
-        batch_tfms=Normalize.from_stats(*cifar_stats))
+    dblock = cifar_datablock(DecodedImages(items), augment=seed_augmentations(s))
     return dblock.dataloaders(items, bs=s['bs'], num_workers=s['workers'], device=s.get('device'))
+
+
+def inference_dataloaders(vocab, stats, bs=128, device=None):
+    "DataLoaders with no data, only the pipeline, for `test_dl`: made from one blank image of the first class."
+    # fastai cannot set up DataLoaders over nothing; a blank 'train' and 'test' item costs nothing and keeps
+    # the exact pipeline (decoding, labels, normalisation) that training used.
+    blank = [Path('train') / vocab[0] / 'blank.png', Path('test') / vocab[0] / 'blank.png']
+    images = DecodedImages()
+    images.index = {p: 0 for p in blank}
+    images.pixels = np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    return cifar_datablock(images, vocab=list(vocab), stats=stats).dataloaders(blank, bs=bs, num_workers=0,
+                                                                                device=device)

@@ -7,21 +7,25 @@ from pathlib import Path
 
 import albumentations
 import fastai
+import pandas as pd
 import torch
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.fp16 import MixedPrecision
 from fastai.vision.all import CrossEntropyLossFlat, Learner, SGD, accuracy, set_seed
 
+from .artifacts import export_safetensors
 from .augment import AlbumentationsTransform
 from .callbacks import CPUAutocast, Checkpoint, HistoryCSV, ResumeFromCheckpoint, StepLRScheduler
 from .data import cifar_dataloaders, locate_data
 from .errors import CifarFastaiError
 from .model import DilatedNet
 
-__all__ = ['default_workers', 'channels_last_helps', 'precision_callbacks', 'build_learner', 'fit_run', 'resume_run',
+__all__ = ['default_workers', 'channels_last_helps', 'autocast_callbacks', 'precision_callbacks',
+           'inference_callbacks', 'build_learner', 'fit_run', 'resume_run',
            'RUN_FILES']
 
-RUN_FILES = ('config.json', 'history.csv', 'curves.png', 'checkpoint.pth', 'learner.pkl')
+RUN_FILES = ('config.json', 'history.csv', 'curves.png', 'checkpoint.pth', 'model.safetensors', 'model.json',
+             'learner.pkl')
 
 
 def default_workers():
@@ -39,15 +43,25 @@ def channels_last_helps(precision):
     return precision == 'fp32' or use_cuda()
 
 
-def precision_callbacks(precision):
-    "Callbacks that make `fit` run at `precision` in the fastest memory format for it."
-    fmt = [ChannelsLast()] if channels_last_helps(precision) else []
-    if precision == 'fp32': return fmt
-    if use_cuda(): return fmt + [MixedPrecision(amp_mode=precision)]
+def autocast_callbacks(precision):
+    "Mixed precision: fastai's on CUDA, bf16 autocast on the CPU, nothing for fp32."
+    if precision == 'fp32': return []
+    if use_cuda(): return [MixedPrecision(amp_mode=precision)]
     if precision == 'fp16': raise CifarFastaiError('precision fp16 needs a CUDA GPU; on the CPU use --precision bf16')
     if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         raise CifarFastaiError('precision bf16: this CPU has no bf16 support; use --precision fp32')
     return [CPUAutocast()]
+
+
+def precision_callbacks(precision):
+    "Callbacks that make training run at `precision` in the fastest memory format for it."
+    return ([ChannelsLast()] if channels_last_helps(precision) else []) + autocast_callbacks(precision)
+
+
+def inference_callbacks(learn, precision):
+    "Put an inference learner's model in the fastest memory format for `precision`; its autocast callbacks."
+    if channels_last_helps(precision): learn.model.to(memory_format=torch.channels_last)
+    return autocast_callbacks(precision)
 
 
 def build_learner(s, root, path='.'):
@@ -131,5 +145,8 @@ def _fit(s, root, out, ckpt):
             learn.fit(s['epochs'], s['lr'], cbs=cbs + [StepLRScheduler(s['step_size'], s['gamma'])])
         else:
             learn.fit_one_cycle(s['epochs'], s['lr'], cbs=cbs)
-    learn.export('learner.pkl')
+    last = pd.read_csv(out / 'history.csv').iloc[-1]
+    export_safetensors(learn, out, s, metrics=dict(epochs=int(last.epoch) + 1, accuracy=float(last.accuracy),
+                                                   valid_loss=float(last.valid_loss)))
+    learn.export('learner.pkl')  # last: its presence marks a finished run
     return learn

@@ -1,0 +1,172 @@
+import json
+import pickle
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from cifar_fastai.cli import main
+from cifar_fastai.config import resolve_settings
+from cifar_fastai.train import fit_run
+from conftest import make_cifar
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    "A learner trained for two epochs on tiny data, with its run folder (learner.pkl, model.safetensors)."
+    root = make_cifar(tmp_path_factory.mktemp('data') / 'cifar10', n_train=8, n_test=5)
+    run = tmp_path_factory.mktemp('run') / 'run'
+    learn = fit_run(resolve_settings({'epochs': 2, 'bs': 4, 'workers': 0}), run, data=str(root))
+    return learn, run, root
+
+
+def run_main(capsys, *args):
+    "Run the command in-process: (exit code, stdout, stderr)."
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e: code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err, match):
+    lines = [l for l in err.strip().splitlines() if not l.startswith('warning:')]
+    assert code != 0 and len(lines) == 1 and 'Traceback' not in err, err
+    assert lines[0].startswith('cifar-fastai: error:') and match in lines[0], err
+
+
+@pytest.mark.parametrize('model', ['learner.pkl', 'model.safetensors'])
+def test_evaluate_prints_the_accuracy_learner_validate_gives(capsys, tmp_path, trained, model):
+    learn, run, root = trained
+    _, valid_acc = learn.validate()
+    code, out, _ = run_main(capsys, 'evaluate', run / model, '--data', root, '--out', tmp_path)
+    assert code == 0
+    printed = float(re.search(r'accuracy: ([0-9.]+)', out).group(1))
+    assert printed == pytest.approx(valid_acc, abs=5e-5)
+    table = pd.read_csv(tmp_path / 'per_class.csv')
+    assert list(table.columns) == ['class', 'images', 'correct', 'precision', 'recall', 'accuracy']
+    assert table.images.sum() == 15 and table.correct.sum() / 15 == pytest.approx(valid_acc)
+    for png in ('confusion_matrix.png', 'top_losses.png'):
+        with Image.open(tmp_path / png) as im: assert im.format == 'PNG' and im.size[0] > 100
+
+
+def odd_images(folder):
+    "The same picture in every awkward mode and size predict must take."
+    folder.mkdir()
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    rgb.convert('RGBA').save(folder / 'rgba.png')
+    rgb.convert('P').save(folder / 'palette.png', transparency=0)
+    rgb.convert('L').save(folder / 'grey.png')
+    Image.fromarray((np.asarray(rgb.convert('L'), dtype=np.uint16) * 257)).save(folder / 'grey16.png')
+    rgb.convert('CMYK').save(folder / 'cmyk.jpg')
+    rgb.resize((7, 300)).save(folder / 'tall.jpg')
+    rgb.resize((32, 32)).save(folder / 'plain.png')
+    return sorted(folder.iterdir())
+
+
+def test_predict_takes_any_mode_and_size(capsys, tmp_path, trained):
+    _, run, _ = trained
+    files = odd_images(tmp_path / 'odd')
+    with Image.open(tmp_path / 'odd' / 'grey16.png') as im: assert im.mode.startswith('I')
+    code, out, err = run_main(capsys, 'predict', run / 'model.safetensors', *files)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert [l.split('\t')[0] for l in lines] == [str(f) for f in files]
+    assert all(l.split('\t')[1].split()[0] in ('cat', 'dog', 'ship') for l in lines)
+
+
+def test_predict_formats_and_top_k(capsys, trained):
+    _, run, root = trained
+    folder = root / 'test' / 'dog'
+    code, out, _ = run_main(capsys, 'predict', run / 'learner.pkl', folder, '--format', 'csv', '--top-k', 3)
+    rows = pd.read_csv(__import__('io').StringIO(out))
+    assert code == 0 and len(rows) == 5 * 3 and list(rows.columns) == ['path', 'rank', 'class', 'probability']
+    assert np.allclose(rows.groupby('path').probability.sum(), 1, atol=1e-5)
+    code, out, _ = run_main(capsys, 'predict', run / 'learner.pkl', folder, '--format', 'json', '--top-k', 2)
+    data = json.loads(out)
+    assert len(data) == 5 and all(len(d['predictions']) == 2 for d in data)
+
+
+def test_safetensors_predicts_the_same_as_the_pickle(capsys, trained):
+    _, run, root = trained
+    args = ['predict', None, root / 'test', '--format', 'csv', '--top-k', 3]
+    outs = [run_main(capsys, *[run / m if a is None else a for a in args])[1] for m in ('learner.pkl', 'model.safetensors')]
+    a, b = (pd.read_csv(__import__('io').StringIO(o)) for o in outs)
+    assert (a['class'] == b['class']).all() and np.allclose(a.probability, b.probability, atol=1e-6)
+
+
+def test_safetensors_path_loads_no_pickle(capsys, monkeypatch, trained):
+    _, run, root = trained
+    def refuse(*a, **k): raise AssertionError('pickle was used')
+    for name in ('load', 'loads', 'Unpickler'): monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, 'load', refuse)
+    code, out, err = run_main(capsys, 'predict', run / 'model.safetensors', root / 'test' / 'cat')
+    assert code == 0 and len(out.strip().splitlines()) == 5 and 'warning' not in err
+    code, _, _ = run_main(capsys, 'predict', run / 'learner.pkl', root / 'test' / 'cat')
+    assert code != 0  # the same guard does stop the pickle path
+
+
+def test_loading_a_pickle_warns_in_one_line(capsys, trained):
+    _, run, root = trained
+    code, _, err = run_main(capsys, 'predict', run / 'learner.pkl', root / 'test' / 'cat' / '0000.png')
+    warnings = [l for l in err.splitlines() if l.startswith('warning:')]
+    assert code == 0 and len(warnings) == 1 and 'trusted source' in warnings[0]
+
+
+def bad_models(tmp_path, run):
+    text = tmp_path / 'notes.pkl'
+    text.write_text('just some text')
+    cut = tmp_path / 'cut.pkl'
+    cut.write_bytes((run / 'learner.pkl').read_bytes()[:5000])
+    flipped = bytearray((run / 'learner.pkl').read_bytes())
+    flipped[:64] = b"\xff" * 64  # a wrecked header: no zip, no pickle
+    (tmp_path / 'corrupt.pkl').write_bytes(bytes(flipped))
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / 'state_dict.pkl')
+    bad_st = tmp_path / 'bad.safetensors'
+    bad_st.write_bytes(b'\x00' * 100)
+    (tmp_path / 'bad.json').write_text((run / 'model.json').read_text())
+    return {tmp_path / 'missing.pkl': 'does not exist', text: 'not a fastai learner', cut: 'not a fastai learner',
+            tmp_path / 'corrupt.pkl': 'not a', tmp_path / 'state_dict.pkl': 'not a', bad_st: 'not a DilatedNet'}
+
+
+def test_bad_model_files_get_one_line(capsys, tmp_path, trained):
+    _, run, root = trained
+    for model, match in bad_models(tmp_path, run).items():
+        code, out, err = run_main(capsys, 'predict', model, root / 'test' / 'cat' / '0000.png')
+        one_line_error(code, err, match)
+        code, out, err = run_main(capsys, 'evaluate', model, '--data', root, '--out', tmp_path / 'ev')
+        one_line_error(code, err, match)
+
+
+def test_bad_images_are_listed_and_the_good_ones_still_predicted(capsys, tmp_path, trained):
+    _, run, root = trained
+    folder = tmp_path / 'mixed'
+    folder.mkdir()
+    Image.new('RGB', (32, 32), 'red').save(folder / 'good.png')
+    (folder / 'empty.jpg').write_bytes(b'')
+    (folder / 'notes.txt').write_text('not an image')
+    whole = (root / 'test' / 'cat' / '0000.png').read_bytes()
+    (folder / 'truncated.png').write_bytes(whole[:len(whole) // 2])
+    (tmp_path / 'nothing').mkdir()
+    code, out, err = run_main(capsys, 'predict', run / 'model.safetensors', folder, tmp_path / 'nothing',
+                              tmp_path / 'missing.png')
+    assert code != 0 and 'Traceback' not in err
+    assert [l.split('\t')[0] for l in out.strip().splitlines()] == [str(folder / 'good.png')]
+    skipped = [l for l in err.splitlines() if 'skipped' in l]
+    assert {s.split()[2].rstrip(':') for s in skipped} == {
+        str(folder / 'empty.jpg'), str(folder / 'notes.txt'), str(folder / 'truncated.png'),
+        str(tmp_path / 'nothing'), str(tmp_path / 'missing.png')}
+    assert err.strip().splitlines()[-1].startswith('cifar-fastai: error: 5 of 6')
+
+
+def test_lr_find_saves_the_plot_and_prints_four_suggestions(capsys, tmp_path, trained):
+    _, _, root = trained
+    code, out, err = run_main(capsys, 'lr-find', '--data', root, '--bs', 4, '--num-it', 40, '--workers', 0,
+                              '--out', tmp_path)
+    assert code == 0, err
+    for name in ('valley', 'slide', 'minimum', 'steep'): assert re.search(rf'{name}: \d\.\d\de[-+]\d\d', out)
+    with Image.open(tmp_path / 'lr_find.png') as im: assert im.format == 'PNG'
