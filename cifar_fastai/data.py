@@ -74,16 +74,20 @@ def find_root(folder):
 
 
 def cifar_files(root):
-    "(train files, test files, class names); every class must have images in both splits."
+    "(train files, test files, class names); every class must have images in both splits, and only images."
     files, classes = {}, {}
     for split in ('train', 'test'):
-        by_class = {d.name: [] for d in (root / split).iterdir() if d.is_dir()}
-        for f in get_image_files(root / split):
-            if f.parent.parent == root / split: by_class[f.parent.name].append(f)
-        empty = sorted(c for c, fs in by_class.items() if not fs)
-        if empty: raise CifarFastaiError(f'data: class folder {root / split / empty[0]} has no images')
-        classes[split] = sorted(by_class)
-        files[split] = [f for c in classes[split] for f in sorted(by_class[c], key=str)]
+        class_dirs = sorted((d for d in (root / split).iterdir() if d.is_dir()), key=lambda d: d.name)
+        by_class = {}
+        for d in class_dirs:
+            # The layout is flat; not recursing also keeps a symlink loop from being walked forever.
+            inner = next((p for p in d.iterdir() if p.is_dir()), None)
+            if inner: raise CifarFastaiError(f'data: {inner} is a folder inside class folder {d}; '
+                                             'expected only images (train/<class>/*.jpg)')
+            by_class[d.name] = sorted(get_image_files(d, recurse=False), key=str)
+            if not by_class[d.name]: raise CifarFastaiError(f'data: class folder {d} has no images')
+        classes[split] = list(by_class)
+        files[split] = [f for c in classes[split] for f in by_class[c]]
     if not classes['train']: raise CifarFastaiError(f'data: {root / "train"} has no class folders with images')
     if classes['test'] != classes['train']:
         raise CifarFastaiError(f'data: train/ and test/ hold different classes ({classes["train"]} vs {classes["test"]})')
@@ -157,7 +161,10 @@ def cifar_dataloaders(root, s):
     train, test, _ = cifar_files(root)
     items = balanced_subset(train, s['train_size'], s['seed']) + balanced_subset(test, s['valid_size'], s['seed'])
     dblock = cifar_datablock(DecodedImages(items), augment=seed_augmentations(s))
-    return dblock.dataloaders(items, bs=s['bs'], num_workers=s['workers'], device=s.get('device'))
+    dls = dblock.dataloaders(items, bs=s['bs'], num_workers=s['workers'], device=s.get('device'))
+    if len(dls.train) == 0:  # fastai drops the last partial training batch
+        raise CifarFastaiError(f'data: {len(dls.train_ds)} training images make no full batch of --bs {s["bs"]}')
+    return dls
 
 
 def inference_dataloaders(vocab, stats, bs=128, device=None):

@@ -2,6 +2,7 @@
 import json
 import os
 import platform
+import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -83,7 +84,8 @@ def check_out_folder(out, force):
     out = Path(out).expanduser()
     parent = out.parent if not out.exists() else out
     if not parent.is_dir(): raise CifarFastaiError(f'out: parent folder {parent} does not exist')
-    if not os.access(parent, os.W_OK): raise CifarFastaiError(f'out: {parent} is not writable')
+    try: tempfile.TemporaryFile(dir=parent).close()  # os.access says yes to root even on read-only mounts
+    except OSError as e: raise CifarFastaiError(f'out: cannot write in {parent} ({e.strerror})') from None
     if out.exists() and not out.is_dir(): raise CifarFastaiError(f'out: {out} is a file, not a folder')
     held = [f for f in RUN_FILES if (out / f).exists()]
     if held and not force:

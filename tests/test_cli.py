@@ -90,3 +90,9 @@ def test_fit_refuses_a_folder_holding_another_run(capsys, tmp_path, tiny_cifar):
     (out / 'history.csv').write_text('epoch\n0\n')
     fails_with_one_line(capsys, ['fit', '--data', str(tiny_cifar), '--out', str(out)], 'holds another run')
     assert (out / 'history.csv').read_text() == 'epoch\n0\n'
+
+
+def test_missing_or_unwritable_out_is_reported_before_training(capsys, tmp_path, tiny_cifar):
+    fails_with_one_line(capsys, ['fit', '--data', str(tiny_cifar), '--out', str(tmp_path / 'no' / 'run')],
+                        'parent folder')
+    fails_with_one_line(capsys, ['fit', '--data', str(tiny_cifar), '--out', '/proc/cifar-run'], 'cannot write in /proc')

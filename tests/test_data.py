@@ -98,3 +98,13 @@ def test_validation_images_pass_untouched_and_training_images_are_augmented(tiny
     train_x, _ = train_dl.one_batch()
     raw_train = np.stack([np.asarray(Image.open(f).convert('RGB')) for f in train_dl.items[:9]])
     assert not np.allclose(train_x.numpy(), normalised(raw_train), atol=1e-2)
+
+
+def test_symlink_loop_and_nested_folders_are_refused(tiny_cifar):
+    (tiny_cifar / 'train' / 'cat' / 'loop').symlink_to(tiny_cifar / 'train')
+    with pytest.raises(CifarFastaiError, match='loop is a folder inside class folder'): cifar_files(tiny_cifar)
+
+
+def test_fewer_images_than_a_batch_is_refused(tiny_cifar):
+    with pytest.raises(CifarFastaiError, match='make no full batch of --bs 128'):
+        cifar_dataloaders(tiny_cifar, resolve_settings({'workers': 0}))
