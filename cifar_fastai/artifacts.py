@@ -14,7 +14,7 @@ from .data import inference_dataloaders
 from .errors import CifarFastaiError
 from .model import DilatedNet
 
-__all__ = ['export_safetensors', 'load_for_inference']
+__all__ = ['export_safetensors', 'load_for_inference', 'trained_precision']
 
 
 def export_safetensors(learn, folder, settings, metrics):
@@ -39,6 +39,12 @@ def load_for_inference(path, cpu=True):
     learn = _from_safetensors(path, cpu) if path.suffix == '.safetensors' else _from_pickle(path, cpu)
     learn.model.eval()
     return learn
+
+
+def trained_precision(path):
+    "The precision a safetensors model was trained and validated in (from model.json); None for a pickle."
+    try: return json.loads(Path(path).expanduser().with_suffix('.json').read_text())['config']['precision']
+    except (OSError, ValueError, KeyError, TypeError): return None
 
 
 def _from_safetensors(path, cpu):

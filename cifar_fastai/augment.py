@@ -5,7 +5,7 @@ import warnings
 import albumentations as A
 import numpy as np
 import torch
-from fastai.vision.all import ItemTransform, Transform, TensorImage
+from fastai.vision.all import ItemTransform, TensorImage
 
 __all__ = ['seed_augmentations', 'AlbumentationsTransform', 'HWCToTensorImage']
 
@@ -70,8 +70,11 @@ class AlbumentationsTransform(ItemTransform):
         return self.aug(image=x)['image'], y
 
 
-class HWCToTensorImage(Transform):
-    "uint8 HxWxC array -> fastai `TensorImage` CxHxW."
-    order = 5
+class HWCToTensorImage(ItemTransform):
+    "A collated batch of uint8 HxWxC images -> fastai `TensorImage` BxCxHxW, labels untouched."
+    # Once per batch rather than per item: fastai's per-item dispatch costs as much as the permute it wraps.
+    order = 5  # before IntToFloatTensor and Normalize
 
-    def encodes(self, x: np.ndarray): return TensorImage(torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1))
+    def encodes(self, b):
+        x, *rest = b
+        return (TensorImage(x.permute(0, 3, 1, 2)), *rest)

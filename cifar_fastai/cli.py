@@ -98,10 +98,11 @@ def lr_find(out: Annotated[str, 'Folder for lr_find.png'] = '.',
 def evaluate(model: Annotated[str, 'learner.pkl, or model.safetensors with model.json beside it'],
              data: Annotated[str, DATA_HELP] = None,
              out: Annotated[str, 'Folder for per_class.csv and the plots (default: beside the model)'] = None,
-             precision: Annotated[str, 'fp32 or bf16 (autocast on the CPU)', {'choices': PRECISIONS}] = 'fp32',
+             precision: Annotated[str, 'Default: the precision the model was trained in (model.json), else fp32',
+                                  {'choices': PRECISIONS}] = None,
              cpu: Annotated[bool, 'Run on the CPU even when a GPU is there (always, without one)'] = False):
     "Accuracy of a trained model on the whole test set, per-class table, confusion matrix and top losses."
-    from .artifacts import load_for_inference
+    from .artifacts import load_for_inference, trained_precision
     from .data import cifar_files, locate_data
     from .interpret import evaluate_learner
     from .train import inference_callbacks
@@ -111,9 +112,10 @@ def evaluate(model: Annotated[str, 'learner.pkl, or model.safetensors with model
     if list(classes) != list(learn.dls.vocab):
         raise CifarFastaiError(f'data: classes {classes} differ from the model\'s {list(learn.dls.vocab)}')
     out = _out_folder(out or Path(model).expanduser().parent)
+    precision = precision or trained_precision(model) or 'fp32'
     acc, table = evaluate_learner(learn, test, out, cbs=inference_callbacks(learn, precision))
     print(table.to_string(float_format=lambda v: f'{v:.4f}'))
-    print(f'accuracy: {acc:.4f} ({int(table.correct.sum())}/{int(table.images.sum())} test images)')
+    print(f'accuracy: {acc:.4f} ({int(table.correct.sum())}/{int(table.images.sum())} test images, {precision})')
     print(f'written: {out / "per_class.csv"}, {out / "confusion_matrix.png"}, {out / "top_losses.png"}')
 
 

@@ -152,8 +152,8 @@ def cifar_datablock(images, vocab=None, augment=None, stats=cifar_stats):
         blocks=(TransformBlock(type_tfms=images, batch_tfms=IntToFloatTensor), CategoryBlock(vocab=vocab)),
         splitter=GrandparentSplitter(train_name='train', valid_name='test'),
         get_y=parent_label,
-        item_tfms=[AlbumentationsTransform(augment or seed_augmentations(DEFAULTS)), HWCToTensorImage()],
-        batch_tfms=Normalize.from_stats(*stats))
+        item_tfms=AlbumentationsTransform(augment or seed_augmentations(DEFAULTS)),
+        batch_tfms=[HWCToTensorImage(), Normalize.from_stats(*stats)])
 
 
 def cifar_dataloaders(root, s):

@@ -1,0 +1,70 @@
+"""Regenerate the README's results and speed tables from the committed files in experiments/results.
+
+Run: python experiments/report.py   (rewrites the parts of README.md between the report markers)
+"""
+import inspect
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from cifar_fastai.cli import _settings
+from cifar_fastai.config import DEFAULTS
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / 'experiments' / 'results'
+
+
+def results_table(results=RESULTS):
+    "One row per run folder: recipe, epochs done, final and best test accuracy, time, machine, command."
+    rows = []
+    for hist in sorted(results.glob('*/history.csv')):
+        run = hist.parent
+        cfg = json.loads((run / 'config.json').read_text())
+        s, h = cfg['settings'], pd.read_csv(hist)
+        schedule = f'SGD + StepLR({s["step_size"]}, {s["gamma"]})' if s['schedule'] == 'step' else 'one-cycle (SGD)'
+        status = f'{len(h)}/{s["epochs"]}' + ('' if len(h) == s['epochs'] else ' (running)')
+        rows.append({'run': f'[{run.name}](experiments/results/{run.name})', 'schedule': f'{schedule}, lr {s["lr"]}',
+                     'epochs': status, 'test accuracy': f'{h.accuracy.iloc[-1]:.2%}',
+                     'best': f'{h.accuracy.max():.2%}', 'training time': f'{h.seconds.sum() / 60:.1f} min',
+                     'median epoch': f'{h.seconds.median():.0f} s',
+                     'precision': s['precision'], 'machine': cfg['versions'].get('device', 'not recorded'),
+                     'command': f'`{command(s)}`'})
+    return markdown(pd.DataFrame(rows)) if rows else '(no runs yet)'
+
+
+def command(settings):
+    "The fit command that repeats a run: every setting that differs from the defaults, as a flag."
+    changed = {k: v for k, v in settings.items() if v is not None and v != DEFAULTS[k]}
+    flags = inspect.signature(_settings).parameters
+    cmd = ' '.join(['cifar-fastai fit --data PATH', *(f'--{k.replace("_", "-")} {v}' for k, v in changed.items()
+                                                       if k in flags)])
+    rest = ', '.join(f'{k} = {v!r}' for k, v in changed.items() if k not in flags)
+    return cmd + (f'` with, in a --config file: `{rest}' if rest else '')
+
+
+def bench_table(results=RESULTS):
+    b = pd.read_csv(results / 'bench' / 'bench.csv')
+    fmt = lambda v: '' if pd.isna(v) else f'{v:.0f}'
+    return markdown(pd.DataFrame({'measure': b.measure, 'precision': b.precision, 'images/s (median)': b.images_per_s.map(fmt),
+                         'plain PyTorch loop, images/s': b.plain_images_per_s.map(fmt),
+                         'ratio project/plain': b.ratio.map(lambda v: '' if pd.isna(v) else f'{v:.2f}')}
+                        ))
+
+
+def markdown(df):
+    "A DataFrame as a GitHub table (pandas' to_markdown needs tabulate, which nothing else here does)."
+    lines = [list(df.columns), ['---'] * len(df.columns), *df.astype(str).values.tolist()]
+    return '\n'.join('| ' + ' | '.join(line) + ' |' for line in lines)
+
+
+def replace(text, name, body):
+    return re.sub(rf'(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)', lambda m: m[1] + body + '\n' + m[2],
+                  text, flags=re.S)
+
+
+if __name__ == '__main__':
+    readme = ROOT / 'README.md'
+    text = replace(readme.read_text(), 'results', results_table())
+    readme.write_text(replace(text, 'bench', bench_table()))

@@ -1,0 +1,23 @@
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from cifar_fastai.config import resolve_settings
+
+sys.path.insert(0, str(Path(__file__).parents[1] / 'experiments'))
+from report import command, results_table  # noqa: E402
+
+
+def test_results_table_comes_from_the_run_files(tmp_path):
+    run = tmp_path / 'short'
+    run.mkdir()
+    s = resolve_settings({'epochs': 3, 'schedule': 'one-cycle', 'lr': 0.2, 'cutout_p': 0.8})
+    (run / 'config.json').write_text(json.dumps(dict(settings=s, versions={'device': 'CPU: test'})))
+    pd.DataFrame(dict(epoch=[0, 1], train_loss=1.0, valid_loss=1.0, accuracy=[0.5, 0.6125], lr=0.1,
+                      seconds=[60.0, 60.0])).to_csv(run / 'history.csv', index=False)
+    table = results_table(tmp_path)
+    assert '| 2/3 (running) | 61.25% | 61.25% | 2.0 min | 60 s | fp32 | CPU: test |' in table
+    assert command(s) == ('cifar-fastai fit --data PATH --epochs 3 --lr 0.2 --schedule one-cycle'
+                          '` with, in a --config file: `cutout_p = 0.8')
