@@ -58,9 +58,9 @@ class AlbumentationsTransform(ItemTransform):
 
     def set_state(self, state):
         if state is None: return
-        gen, py = np.random.default_rng(), random.Random()
-        gen.bit_generator.state, _ = state
-        py.setstate(state[1])
+        (gen_state, py_state), gen, py = state, np.random.default_rng(), random.Random()
+        gen.bit_generator.state = gen_state
+        py.setstate(py_state)
         self.aug.set_random_state(gen, py)
         self._seeded_for = 'main'
 

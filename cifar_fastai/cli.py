@@ -13,6 +13,8 @@ from .errors import CifarFastaiError
 
 __all__ = ['main']
 
+# Each command imports fastai and friends when it runs, so that `--help` and argument errors answer at once.
+
 # fastai's own layers call torch.jit.script at import, which torch now flags on every command we run.
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
 
@@ -64,7 +66,7 @@ def fit(out: Annotated[str, 'Run folder for config.json, history.csv, curves.png
     "Train the seed's network on CIFAR-10 (SGD + StepLR by default, or one-cycle) into a run folder."
     from .train import fit_run, resume_run
     if resume:
-        given = [k for k, v in kwargs.items() if v is not None and k != 'data']
+        given = [k.replace('_', '-') for k, v in kwargs.items() if v is not None and k != 'data']
         if given: raise CifarFastaiError(f'--resume continues with the run\'s own settings; drop --{", --".join(given)}')
         resume_run(resume, kwargs['data'])
     else:

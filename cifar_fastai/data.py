@@ -137,6 +137,13 @@ class DecodedImages:
             more = f' and {len(bad) - 3} more' if len(bad) > 3 else ''
             raise CifarFastaiError(f'data: {len(bad)} unreadable image(s): {"; ".join(bad[:3])}{more}')
 
+    @classmethod
+    def blank(cls, paths):
+        "Every path mapped to one black image, without reading any file."
+        images = cls()
+        images.index, images.pixels = {p: 0 for p in paths}, np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        return images
+
     def __call__(self, path):
         i = self.index.get(path)
         return load_rgb32(path) if i is None else self.pixels[i]
@@ -172,8 +179,5 @@ def inference_dataloaders(vocab, stats, bs=128, device=None):
     # fastai cannot set up DataLoaders over nothing; a blank 'train' and 'test' item costs nothing and keeps
     # the exact pipeline (decoding, labels, normalisation) that training used.
     blank = [Path('train') / vocab[0] / 'blank.png', Path('test') / vocab[0] / 'blank.png']
-    images = DecodedImages()
-    images.index = {p: 0 for p in blank}
-    images.pixels = np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    return cifar_datablock(images, vocab=list(vocab), stats=stats).dataloaders(blank, bs=bs, num_workers=0,
-                                                                                device=device)
+    dblock = cifar_datablock(DecodedImages.blank(blank), vocab=list(vocab), stats=stats)
+    return dblock.dataloaders(blank, bs=bs, num_workers=0, device=device)

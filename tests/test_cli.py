@@ -96,3 +96,7 @@ def test_missing_or_unwritable_out_is_reported_before_training(capsys, tmp_path,
     fails_with_one_line(capsys, ['fit', '--data', str(tiny_cifar), '--out', str(tmp_path / 'no' / 'run')],
                         'parent folder')
     fails_with_one_line(capsys, ['fit', '--data', str(tiny_cifar), '--out', '/proc/cifar-run'], 'cannot write in /proc')
+
+
+def test_resume_refuses_new_settings(capsys, tmp_path):
+    fails_with_one_line(capsys, ['fit', '--resume', str(tmp_path), '--train-size', '100'], 'drop --train-size')
