@@ -14,7 +14,11 @@ from .data import inference_dataloaders
 from .errors import CifarFastaiError
 from .model import DilatedNet
 
-__all__ = ['export_safetensors', 'load_for_inference', 'trained_precision']
+__all__ = ['MODEL_SUFFIXES', 'SHIPPED_MODEL', 'export_safetensors', 'load_for_inference', 'trained_precision']
+
+MODEL_SUFFIXES = ('.pkl', '.safetensors', '.json')
+# The best model of experiments/results, shipped so that `cifar-fastai predict IMAGE` works out of the box.
+SHIPPED_MODEL = str(Path(__file__).parent / 'assets' / 'model.safetensors')
 
 
 def export_safetensors(learn, folder, settings, metrics):

@@ -121,17 +121,18 @@ def evaluate(model: Annotated[str, 'learner.pkl, or model.safetensors with model
     print(f'written: {out / "per_class.csv"}, {out / "confusion_matrix.png"}, {out / "top_losses.png"}')
 
 
-def predict(model: Annotated[str, 'learner.pkl or model.safetensors'],
-            paths: Annotated[str, 'Image files or folders of them', {'nargs': '+'}] = None,
+def predict(paths: Annotated[str, '[MODEL] IMAGE_OR_FOLDER...: MODEL is a learner.pkl or model.safetensors; '
+                                   'without one, the model shipped in the package', {'nargs': '+'}] = None,
             format: Annotated[str, 'Output format', {'choices': ('text', 'csv', 'json')}] = 'text',
             top_k: Annotated[int, 'Show the K most likely classes'] = 1,
             bs: Annotated[int, 'Images per batch'] = 128,
             cpu: Annotated[bool, 'Run on the CPU even when a GPU is there (always, without one)'] = False):
     "Predict the class of image files (any size or mode: converted to 32x32 RGB), in batches."
-    from .artifacts import load_for_inference
+    from .artifacts import MODEL_SUFFIXES, SHIPPED_MODEL, load_for_inference
     from .predict import collect_images, predict_files
     from .train import inference_callbacks
     if top_k < 1 or bs < 1: raise CifarFastaiError(f'top-k and bs must be positive, got {top_k} and {bs}')
+    model, paths = (paths[0], paths[1:]) if Path(paths[0]).suffix in MODEL_SUFFIXES else (SHIPPED_MODEL, paths)
     if not paths: raise CifarFastaiError('give at least one image file or folder to predict')
     learn = load_for_inference(model, cpu)
     files, bad = collect_images(paths)
@@ -170,7 +171,7 @@ def bench(train_size: Annotated[int, 'Training images per measured epoch'] = 512
 
 COMMANDS = {'summary': summary, 'fit': fit, 'lr-find': lr_find, 'evaluate': evaluate, 'predict': predict,
             'bench': bench}
-POSITIONAL = {'evaluate': ['model'], 'predict': ['model', 'paths']}
+POSITIONAL = {'evaluate': ['model'], 'predict': ['paths']}
 
 
 def _out_folder(out):

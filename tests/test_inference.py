@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import pickle
 import re
 
@@ -170,3 +171,14 @@ def test_lr_find_saves_the_plot_and_prints_four_suggestions(capsys, tmp_path, tr
     assert code == 0, err
     for name in ('valley', 'slide', 'minimum', 'steep'): assert re.search(rf'{name}: \d\.\d\de[-+]\d\d', out)
     with Image.open(tmp_path / 'lr_find.png') as im: assert im.format == 'PNG'
+
+
+def test_predict_without_a_model_uses_the_shipped_one(capsys, tmp_path):
+    from cifar_fastai.artifacts import SHIPPED_MODEL
+    meta = json.loads(Path(SHIPPED_MODEL).with_suffix('.json').read_text())
+    Image.new('RGB', (32, 32), 'blue').save(tmp_path / 'sky.png')
+    code, out, err = run_main(capsys, 'predict', tmp_path / 'sky.png', '--top-k', 2)
+    assert code == 0 and 'warning' not in err, err
+    path, preds = out.strip().split('\t')
+    assert path == str(tmp_path / 'sky.png') and len(meta['classes']) == 10
+    assert all(p.split()[0] in meta['classes'] for p in preds.split(', '))
