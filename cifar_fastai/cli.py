@@ -135,9 +135,9 @@ def predict(paths: Annotated[str, '[MODEL] IMAGE_OR_FOLDER...: MODEL is a learne
     model, paths = (paths[0], paths[1:]) if Path(paths[0]).suffix in MODEL_SUFFIXES else (SHIPPED_MODEL, paths)
     if not paths: raise CifarFastaiError('give at least one image file or folder to predict')
     learn = load_for_inference(model, cpu)
-    files, bad = collect_images(paths)
-    if files:
-        rows = predict_files(learn, files, top_k, bs, cbs=inference_callbacks(learn, 'fp32'))
+    images, bad = collect_images(paths)
+    if images:
+        rows = predict_files(learn, images, top_k, bs, cbs=inference_callbacks(learn, "fp32"))
         if format == 'csv': print(rows.to_csv(index=False), end='')
         elif format == 'json':
             print(rows.groupby('path', sort=False)[['class', 'probability']]
@@ -146,7 +146,7 @@ def predict(paths: Annotated[str, '[MODEL] IMAGE_OR_FOLDER...: MODEL is a learne
             for path, g in rows.groupby('path', sort=False):
                 print(path, ', '.join(f'{c} {p:.4f}' for c, p in zip(g['class'], g.probability)), sep='\t')
     for path, why in bad: print(f'cifar-fastai: skipped {path}: {why}', file=sys.stderr)
-    if bad: raise CifarFastaiError(f'{len(bad)} of {len(files) + len(bad)} paths could not be predicted (listed above)')
+    if bad: raise CifarFastaiError(f'{len(bad)} of {len(images) + len(bad)} paths could not be predicted (listed above)')
 
 
 @delegates(_settings, but=['config', 'epochs', 'lr', 'schedule', 'step_size', 'gamma', 'dropout', 'label_smoothing',

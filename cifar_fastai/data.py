@@ -144,9 +144,10 @@ class DecodedImages:
         images.index, images.pixels = {p: 0 for p in paths}, np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
         return images
 
-    def __call__(self, path):
-        i = self.index.get(path)
-        return load_rgb32(path) if i is None else self.pixels[i]
+    def __call__(self, item):
+        if isinstance(item, np.ndarray): return item  # decoded already (predict does, to sort out bad files)
+        i = self.index.get(item)
+        return load_rgb32(item) if i is None else self.pixels[i]
 
     def __getstate__(self):
         # An exported learner carries this transform: without the pixels, it decodes whatever it is given.
