@@ -1,4 +1,5 @@
 "Callbacks fastai lacks: the spec's StepLR, a per-epoch history with lr and seconds, CPU autocast, checkpoints."
+import math
 import os
 import random
 import time
@@ -13,7 +14,7 @@ from fastai.torch_core import to_float
 
 from .plots import plot_curves
 
-__all__ = ['StepLRScheduler', 'CPUAutocast', 'HistoryCSV', 'Checkpoint', 'ResumeFromCheckpoint', 'HISTORY_COLUMNS']
+__all__ = ['StepLRScheduler', 'CPUAutocast', 'FlipTTA', 'HistoryCSV', 'Checkpoint', 'ResumeFromCheckpoint', 'HISTORY_COLUMNS']
 
 HISTORY_COLUMNS = ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'lr', 'seconds']
 
@@ -41,6 +42,18 @@ class CPUAutocast(Callback):
         self.learn.pred = to_float(self.pred)
 
 
+class FlipTTA(Callback):
+    "Test-time augmentation: predict each image and its mirror image, and average the two probabilities."
+    order = CPUAutocast.order - 1  # the second forward runs inside autocast, like the first
+
+    def after_pred(self):
+        if self.training: return
+        both = torch.stack([self.pred.float(), self.model(self.xb[0].flip(-1)).float()]).log_softmax(-1)
+        # log of the mean probability: valid logits (their softmax is that mean), so losses, metrics,
+        # get_preds and ClassificationInterpretation all see the averaged prediction.
+        self.learn.pred = both.logsumexp(0) - math.log(2)
+
+
 class ResumeFromCheckpoint(Callback):
     "Continue a run from its checkpoint: load the weights, skip the finished epochs, restore the random states."
     order = 70  # after Recorder's before_epoch, as fastai's own SkipToEpoch
@@ -59,6 +72,9 @@ class ResumeFromCheckpoint(Callback):
             self.learn.pct_train += 1 / self.n_epoch
             raise CancelEpochException
         if self.epoch == start:
+            # fastprogress redraws at most every few tenths of a second and the skipped epochs took none, so
+            # its bar still holds an early epoch: name the one that runs now.
+            if mbar := getattr(getattr(self.learn, 'progress', None), 'mbar', None): mbar.main_bar.last_v = start
             set_rng_state(self.learn, self.ckpt['rng'])
             self.aug_tfm.set_state(self.ckpt['aug'])
             self.recorder.smooth_loss.count, self.recorder.smooth_loss.val = self.ckpt['smooth_loss']

@@ -102,6 +102,7 @@ def evaluate(model: Annotated[str, 'learner.pkl, or model.safetensors with model
              out: Annotated[str, 'Folder for per_class.csv and the plots (default: beside the model)'] = None,
              precision: Annotated[str, 'Default: the precision the model was trained in (model.json), else fp32',
                                   {'choices': PRECISIONS}] = None,
+             tta: Annotated[bool, "Average each image's prediction with its mirror image's (flip test-time augmentation); its files are named *_tta"] = False,
              cpu: Annotated[bool, 'Run on the CPU even when a GPU is there (always, without one)'] = False):
     "Accuracy of a trained model on the whole test set, per-class table, confusion matrix and top losses."
     from .artifacts import load_for_inference, trained_precision
@@ -115,10 +116,13 @@ def evaluate(model: Annotated[str, 'learner.pkl, or model.safetensors with model
         raise CifarFastaiError(f'data: classes {classes} differ from the model\'s {list(learn.dls.vocab)}')
     out = _out_folder(out or Path(model).expanduser().parent)
     precision = precision or trained_precision(model) or 'fp32'
-    acc, table = evaluate_learner(learn, test, out, cbs=inference_callbacks(learn, precision))
+    suffix = '_tta' if tta else ''
+    acc, table = evaluate_learner(learn, test, out, cbs=inference_callbacks(learn, precision, tta), suffix=suffix)
     print(table.to_string(float_format=lambda v: f'{v:.4f}'))
-    print(f'accuracy: {acc:.4f} ({int(table.correct.sum())}/{int(table.images.sum())} test images, {precision})')
-    print(f'written: {out / "per_class.csv"}, {out / "confusion_matrix.png"}, {out / "top_losses.png"}')
+    print(f'accuracy: {acc:.4f} ({int(table.correct.sum())}/{int(table.images.sum())} test images, {precision}'
+          f'{", flip TTA" if tta else ""})')
+    print('written: ' + ', '.join(str(out / f'{name}{suffix}{ext}') for name, ext in
+                                  (('per_class', '.csv'), ('confusion_matrix', '.png'), ('top_losses', '.png'))))
 
 
 def predict(paths: Annotated[str, '[MODEL] IMAGE_OR_FOLDER...: MODEL is a learner.pkl or model.safetensors; '
@@ -126,6 +130,7 @@ def predict(paths: Annotated[str, '[MODEL] IMAGE_OR_FOLDER...: MODEL is a learne
             format: Annotated[str, 'Output format', {'choices': ('text', 'csv', 'json')}] = 'text',
             top_k: Annotated[int, 'Show the K most likely classes'] = 1,
             bs: Annotated[int, 'Images per batch'] = 128,
+            tta: Annotated[bool, "Average each image's prediction with its mirror image's (flip test-time augmentation)"] = False,
             cpu: Annotated[bool, 'Run on the CPU even when a GPU is there (always, without one)'] = False):
     "Predict the class of image files (any size or mode: converted to 32x32 RGB), in batches."
     from .artifacts import MODEL_SUFFIXES, SHIPPED_MODEL, load_for_inference
@@ -137,7 +142,7 @@ def predict(paths: Annotated[str, '[MODEL] IMAGE_OR_FOLDER...: MODEL is a learne
     learn = load_for_inference(model, cpu)
     images, bad = collect_images(paths)
     if images:
-        rows = predict_files(learn, images, top_k, bs, cbs=inference_callbacks(learn, "fp32"))
+        rows = predict_files(learn, images, top_k, bs, cbs=inference_callbacks(learn, "fp32", tta))
         if format == 'csv': print(rows.to_csv(index=False), end='')
         elif format == 'json':
             print(rows.groupby('path', sort=False)[['class', 'probability']]

@@ -21,8 +21,8 @@ def per_class_table(cm, vocab):
     return table.fillna(0.0)
 
 
-def evaluate_learner(learn, files, out, cbs=()):
-    "Predict `files` (labelled by folder) in batches; write per_class.csv, confusion_matrix.png, top_losses.png."
+def evaluate_learner(learn, files, out, cbs=(), suffix=''):
+    "Predict `files` (labelled by folder) in batches; write per_class, confusion_matrix and top_losses`suffix`."
     dl = learn.dls.test_dl(files, with_labels=True, bs=128)
     with learn.added_cbs(list(cbs)):
         interp = ClassificationInterpretation.from_learner(learn, dl=dl)
@@ -30,11 +30,11 @@ def evaluate_learner(learn, files, out, cbs=()):
     table = per_class_table(cm, learn.dls.vocab)
     accuracy = table.correct.sum() / table.images.sum()
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / 'per_class.csv')
+    table.to_csv(out / f'per_class{suffix}.csv')
     interp.plot_confusion_matrix(figsize=(8, 8), title=f'Confusion matrix (accuracy {accuracy:.2%})')
-    plt.savefig(out / 'confusion_matrix.png', dpi=100, bbox_inches='tight')
+    plt.savefig(out / f'confusion_matrix{suffix}.png', dpi=100, bbox_inches='tight')
     plt.close('all')
     interp.plot_top_losses(9, nrows=3, figsize=(9, 9))
-    plt.savefig(out / 'top_losses.png', dpi=100, bbox_inches='tight')
+    plt.savefig(out / f'top_losses{suffix}.png', dpi=100, bbox_inches='tight')
     plt.close('all')
     return accuracy, table

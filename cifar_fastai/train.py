@@ -16,7 +16,7 @@ from fastai.vision.all import CrossEntropyLossFlat, Learner, SGD, accuracy, set_
 
 from .artifacts import export_safetensors
 from .augment import AlbumentationsTransform
-from .callbacks import CPUAutocast, Checkpoint, HistoryCSV, ResumeFromCheckpoint, StepLRScheduler
+from .callbacks import CPUAutocast, Checkpoint, FlipTTA, HistoryCSV, ResumeFromCheckpoint, StepLRScheduler
 from .data import cifar_dataloaders, locate_data
 from .errors import CifarFastaiError
 from .model import DilatedNet
@@ -59,10 +59,10 @@ def precision_callbacks(precision):
     return ([ChannelsLast()] if channels_last_helps(precision) else []) + autocast_callbacks(precision)
 
 
-def inference_callbacks(learn, precision):
-    "Put an inference learner's model in the fastest memory format for `precision`; its autocast callbacks."
+def inference_callbacks(learn, precision, tta=False):
+    "Put an inference learner's model in the fastest memory format for `precision`; its callbacks (autocast, TTA)."
     if channels_last_helps(precision): learn.model.to(memory_format=torch.channels_last)
-    return autocast_callbacks(precision)
+    return autocast_callbacks(precision) + ([FlipTTA()] if tta else [])
 
 
 def build_learner(s, root, path='.'):

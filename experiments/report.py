@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from cifar_fastai.cli import _settings
-from cifar_fastai.config import DEFAULTS
+from cifar_fastai.config import DEFAULTS, resolve_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'experiments' / 'results'
@@ -27,19 +27,32 @@ def results_table(results=RESULTS):
         status = f'{len(h)}/{s["epochs"]}' + ('' if len(h) == s['epochs'] else ' (running)')
         rows.append({'run': f'[{run.name}](experiments/results/{run.name})', 'schedule': f'{schedule}, lr {s["lr"]}',
                      'epochs': status, 'test accuracy': f'{h.accuracy.iloc[-1]:.2%}',
-                     'best': f'{h.accuracy.max():.2%}', 'training time': f'{h.seconds.sum() / 60:.1f} min',
+                     'best': f'{h.accuracy.max():.2%}', 'with flip TTA': tta_accuracy(run), 'training time': f'{h.seconds.sum() / 60:.1f} min',
                      'median epoch': f'{h.seconds.median():.0f} s',
                      'precision': s['precision'], 'machine': cfg['versions'].get('device', 'not recorded'),
                      'command': f'`{command(s)}`'})
     return markdown(pd.DataFrame(rows)) if rows else '(no runs yet)'
 
 
-def command(settings):
-    "The fit command that repeats a run: every setting that differs from the defaults, as a flag."
-    changed = {k: v for k, v in settings.items() if v is not None and v != DEFAULTS[k]}
+def tta_accuracy(run):
+    "Accuracy from `cifar-fastai evaluate RUN/model.safetensors --tta`, when it has been run."
+    table = run / 'per_class_tta.csv'
+    if not table.exists(): return ''
+    t = pd.read_csv(table)
+    return f'{t.correct.sum() / t.images.sum():.2%}'
+
+
+def command(settings, configs=None):
+    """The fit command that repeats a run: the experiment config whose settings are closest to the run's
+    (or none), then every setting that still differs, as a flag."""
     flags = inspect.signature(_settings).parameters
-    cmd = ' '.join(['cifar-fastai fit --data PATH', *(f'--{k.replace("_", "-")} {v}' for k, v in changed.items()
-                                                       if k in flags)])
+    candidates = [(None, DEFAULTS)] + [(f'experiments/{p.name}', resolve_settings({}, p))
+                                       for p in sorted((configs or ROOT / 'experiments').glob('*.toml'))]
+    def differences(base): return {k: v for k, v in settings.items() if v is not None and v != base[k]}
+    config, base = min(candidates, key=lambda c: (len(differences(c[1])), c[0] is None))
+    changed = differences(base)
+    cmd = ' '.join(['cifar-fastai fit', *([f'--config {config}'] if config else []), '--data PATH',
+                    *(f'--{k.replace("_", "-")} {v}' for k, v in changed.items() if k in flags)])
     rest = ', '.join(f'{k} = {v!r}' for k, v in changed.items() if k not in flags)
     return cmd + (f'` with, in a --config file: `{rest}' if rest else '')
 

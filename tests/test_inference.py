@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from cifar_fastai.callbacks import FlipTTA
 from cifar_fastai.cli import main
 from cifar_fastai.config import resolve_settings
+from cifar_fastai.data import cifar_files
 from cifar_fastai.train import fit_run
 from conftest import make_cifar
 
@@ -182,3 +184,24 @@ def test_predict_without_a_model_uses_the_shipped_one(capsys, tmp_path):
     path, preds = out.strip().split('\t')
     assert path == str(tmp_path / 'sky.png') and len(meta['classes']) == 10
     assert all(p.split()[0] in meta['classes'] for p in preds.split(', '))
+
+
+def test_flip_tta_averages_the_probabilities_of_each_image_and_its_mirror(capsys, tmp_path, trained):
+    learn, run, root = trained
+    code, out, _ = run_main(capsys, 'evaluate', run / 'model.safetensors', '--data', root, '--out', tmp_path, '--tta')
+    assert code == 0 and 'flip TTA' in out
+    assert not (tmp_path / 'per_class.csv').exists()  # a TTA evaluation never overwrites the plain one
+    table = pd.read_csv(tmp_path / 'per_class_tta.csv')
+    # The same numbers by hand: the model on every test image and on its mirror image, probabilities averaged.
+    _, test, _ = cifar_files(root)
+    x, y = learn.dls.test_dl(test, with_labels=True, bs=len(test)).one_batch()
+    learn.model.eval()
+    with torch.no_grad():
+        probs = (learn.model(x).softmax(1) + learn.model(x.flip(-1)).softmax(1)) / 2
+    by_hand = (probs.argmax(1) == y).float().mean().item()
+    printed = float(re.search(r'accuracy: ([0-9.]+)', out).group(1))
+    assert printed == pytest.approx(by_hand, abs=5e-5) == table.correct.sum() / table.images.sum()
+    for png in ('confusion_matrix_tta.png', 'top_losses_tta.png'): assert (tmp_path / png).stat().st_size > 0
+    with learn.added_cbs([FlipTTA()]), learn.no_bar():
+        tta_probs, _ = learn.get_preds(dl=learn.dls.test_dl(test, bs=7))
+    assert torch.allclose(tta_probs, probs, atol=1e-5)

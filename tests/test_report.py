@@ -18,6 +18,12 @@ def test_results_table_comes_from_the_run_files(tmp_path):
     pd.DataFrame(dict(epoch=[0, 1], train_loss=1.0, valid_loss=1.0, accuracy=[0.5, 0.6125], lr=0.1,
                       seconds=[60.0, 60.0])).to_csv(run / 'history.csv', index=False)
     table = results_table(tmp_path)
-    assert '| 2/3 (running) | 61.25% | 61.25% | 2.0 min | 60 s | fp32 | CPU: test |' in table
-    assert command(s) == ('cifar-fastai fit --data PATH --epochs 3 --lr 0.2 --schedule one-cycle'
-                          '` with, in a --config file: `cutout_p = 0.8')
+    assert '| 2/3 (running) | 61.25% | 61.25% |  | 2.0 min | 60 s | fp32 | CPU: test |' in table
+    # `evaluate --tta` wrote its per-class table: its accuracy joins the row.
+    pd.DataFrame(dict(images=[10, 10], correct=[6, 8])).to_csv(run / 'per_class_tta.csv')
+    assert '| 61.25% | 61.25% | 70.00% | 2.0 min |' in results_table(tmp_path)
+    assert command(s, configs=tmp_path) == ('cifar-fastai fit --data PATH --epochs 3 --lr 0.2 --schedule one-cycle'
+                                            '` with, in a --config file: `cutout_p = 0.8')
+    # A run made from an experiment config is named by it, with only what differs from it as flags.
+    (tmp_path / 'trial.toml').write_text('schedule = "one-cycle"\nlr = 0.2\ncutout_p = 0.8\nepochs = 20\n')
+    assert command(s, configs=tmp_path) == 'cifar-fastai fit --config experiments/trial.toml --data PATH --epochs 3'

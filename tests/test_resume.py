@@ -1,4 +1,5 @@
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import torch
 
 from conftest import make_cifar, run_cli
 
-FIT = ['--epochs', 6, '--bs', 4, '--step-size', 2, '--seed', 7]
+N_EPOCHS = 9  # more than fastprogress's first 5 redraws, so a resumed bar must be told its epoch
+FIT = ['--epochs', N_EPOCHS, '--bs', 4, '--step-size', 2, '--seed', 7]
 
 
 def history(run):
@@ -55,9 +57,12 @@ def test_killed_and_resumed_run_ends_as_if_never_stopped(tmp_path, data, schedul
     run_cli('fit', *args, '--out', tmp_path / 'whole')
     killed = tmp_path / 'killed'
     kill_after_epochs([sys.executable, '-m', 'cifar_fastai', 'fit', *map(str, args), '--out', str(killed)],
-                      killed, n_rows=2, delay=delay)
+                      killed, n_rows=7, delay=delay)
     assert not (killed / 'learner.pkl').exists()
-    run_cli('fit', '--resume', killed)
+    start = torch.load(killed / 'checkpoint.pth', weights_only=False)['epoch']
+    resumed = run_cli('fit', '--resume', killed)
+    # The progress bar names the epoch that runs, from the first one drawn.
+    assert re.findall(r'Epoch (\d+)/', resumed.stdout)[0] == str(start + 1)
     assert history(killed).equals(history(tmp_path / 'whole'))
     assert same_weights(final_weights(killed), final_weights(tmp_path / 'whole'))
     assert (killed / 'learner.pkl').exists()
