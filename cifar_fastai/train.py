@@ -19,6 +19,7 @@ from .augment import AlbumentationsTransform
 from .callbacks import CPUAutocast, Checkpoint, FlipTTA, HistoryCSV, ResumeFromCheckpoint, StepLRScheduler
 from .data import cifar_dataloaders, locate_data
 from .errors import CifarFastaiError
+from .memory import return_freed_memory
 from .model import DilatedNet
 
 __all__ = ['default_workers', 'channels_last_helps', 'autocast_callbacks', 'precision_callbacks',
@@ -67,6 +68,7 @@ def inference_callbacks(learn, precision, tta=False):
 
 def build_learner(s, root, path='.'):
     "A fastai Learner of the seed's network on CIFAR-10 at `root`, for settings `s`."
+    return_freed_memory()
     dls = cifar_dataloaders(root, {**s, 'workers': default_workers() if s['workers'] is None else s['workers']})
     loss = CrossEntropyLossFlat(label_smoothing=s['label_smoothing'])
     # decouple_wd=False: L2 in the gradient, as torch.optim.SGD(weight_decay=...) in the seed.
