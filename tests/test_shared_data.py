@@ -1,11 +1,14 @@
 "Acceptance checks on the real CIFAR-10 copy in ../shared; each skips where it is absent."
+import json
 import os
 import re
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from cifar_fastai.artifacts import SHIPPED_MODEL
 from cifar_fastai.cli import main
 from cifar_fastai.config import resolve_settings
 from cifar_fastai.train import fit_run
@@ -37,3 +40,10 @@ def test_three_epochs_killed_in_the_second_resume_to_the_same_history(tmp_path, 
     run_cli('fit', '--resume', killed)
     drop = lambda run: pd.read_csv(run / 'history.csv').drop(columns='seconds')
     assert drop(killed).equals(drop(tmp_path / 'whole'))
+
+
+def test_shipped_model_scores_on_the_test_set_what_its_run_recorded(capsys, tmp_path, shared_tgz):
+    recorded = json.loads(Path(SHIPPED_MODEL).with_suffix('.json').read_text())['metrics']['accuracy']
+    main(['evaluate', str(SHIPPED_MODEL), '--data', str(shared_tgz), '--out', str(tmp_path)])
+    printed = float(re.search(r'accuracy: ([0-9.]+) \(\d+/10000', capsys.readouterr().out).group(1))
+    assert printed == pytest.approx(recorded, abs=1e-3)  # the README's table quotes it to 0.1 points
