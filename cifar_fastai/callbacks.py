@@ -1,4 +1,5 @@
 "Callbacks fastai lacks: the spec's StepLR, a per-epoch history with lr and seconds, CPU autocast, checkpoints."
+import ctypes
 import math
 import os
 import random
@@ -14,7 +15,7 @@ from fastai.torch_core import to_float
 
 from .plots import plot_curves
 
-__all__ = ['StepLRScheduler', 'CPUAutocast', 'FlipTTA', 'HistoryCSV', 'Checkpoint', 'ResumeFromCheckpoint', 'HISTORY_COLUMNS']
+__all__ = ['StepLRScheduler', 'CPUAutocast', 'FlipTTA', 'ReturnFreedMemory', 'HistoryCSV', 'Checkpoint', 'ResumeFromCheckpoint', 'HISTORY_COLUMNS']
 
 HISTORY_COLUMNS = ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'lr', 'seconds']
 
@@ -52,6 +53,17 @@ class FlipTTA(Callback):
         # log of the mean probability: valid logits (their softmax is that mean), so losses, metrics,
         # get_preds and ClassificationInterpretation all see the averaged prediction.
         self.learn.pred = both.logsumexp(0) - math.log(2)
+
+
+class ReturnFreedMemory(Callback):
+    "After every epoch, hand the memory malloc holds but no longer uses back to the system (glibc's malloc_trim)."
+    # Measured on the full data: glibc kept every freed activation, and a run grew by about 1 GB per epoch until
+    # the machine swapped (13 GB after 12 epochs). Trimming once per epoch keeps it at its working size; serving
+    # large blocks with mmap instead (M_MMAP_THRESHOLD) also did, but its page faults cost 40% of the speed.
+    _malloc_trim = getattr(ctypes.CDLL(None), 'malloc_trim', None)  # None where malloc is not glibc's
+
+    def after_epoch(self):
+        if self._malloc_trim: self._malloc_trim(0)
 
 
 class ResumeFromCheckpoint(Callback):

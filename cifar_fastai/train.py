@@ -16,10 +16,10 @@ from fastai.vision.all import CrossEntropyLossFlat, Learner, SGD, accuracy, set_
 
 from .artifacts import export_safetensors
 from .augment import AlbumentationsTransform
-from .callbacks import CPUAutocast, Checkpoint, FlipTTA, HistoryCSV, ResumeFromCheckpoint, StepLRScheduler
+from .callbacks import (CPUAutocast, Checkpoint, FlipTTA, HistoryCSV, ResumeFromCheckpoint, ReturnFreedMemory,
+                        StepLRScheduler)
 from .data import cifar_dataloaders, locate_data
 from .errors import CifarFastaiError
-from .memory import return_freed_memory
 from .model import DilatedNet
 
 __all__ = ['default_workers', 'channels_last_helps', 'autocast_callbacks', 'precision_callbacks',
@@ -68,13 +68,12 @@ def inference_callbacks(learn, precision, tta=False):
 
 def build_learner(s, root, path='.'):
     "A fastai Learner of the seed's network on CIFAR-10 at `root`, for settings `s`."
-    return_freed_memory()
     dls = cifar_dataloaders(root, {**s, 'workers': default_workers() if s['workers'] is None else s['workers']})
     loss = CrossEntropyLossFlat(label_smoothing=s['label_smoothing'])
     # decouple_wd=False: L2 in the gradient, as torch.optim.SGD(weight_decay=...) in the seed.
     opt = partial(SGD, mom=s['momentum'], decouple_wd=False)
     return Learner(dls, DilatedNet(n_out=dls.c, p=s['dropout']), loss_func=loss, opt_func=opt, metrics=accuracy,
-                   wd=s['wd'], path=path)
+                   wd=s['wd'], path=path, cbs=ReturnFreedMemory())
 
 
 def aug_transform(learn):
