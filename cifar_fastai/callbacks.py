@@ -1,4 +1,4 @@
-"Callbacks fastai lacks: the spec's StepLR, a per-epoch history with lr and seconds, CPU autocast, checkpoints."
+"Callbacks fastai lacks: the spec's StepLR, per-epoch history, CPU autocast, flip TTA, memory trimming, checkpoints."
 import ctypes
 import math
 import os
@@ -15,7 +15,8 @@ from fastai.torch_core import to_float
 
 from .plots import plot_curves
 
-__all__ = ['StepLRScheduler', 'CPUAutocast', 'FlipTTA', 'ReturnFreedMemory', 'HistoryCSV', 'Checkpoint', 'ResumeFromCheckpoint', 'HISTORY_COLUMNS']
+__all__ = ['StepLRScheduler', 'CPUAutocast', 'FlipTTA', 'ReturnFreedMemory', 'HistoryCSV', 'Checkpoint',
+           'ResumeFromCheckpoint', 'HISTORY_COLUMNS']
 
 HISTORY_COLUMNS = ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'lr', 'seconds']
 

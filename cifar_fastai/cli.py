@@ -23,6 +23,7 @@ def _d(k): return f'(default: {DEFAULTS[k]})'
 
 
 DATA_HELP = 'CIFAR-10 folder (train/, test/) or .tgz of one; default $CIFAR_FASTAI_DATA, else download'
+TTA_HELP = "Average each image's prediction with its mirror image's (flip test-time augmentation)"
 PRECISION_HELP = 'bf16: autocast on the CPU, mixed precision on CUDA ' + _d('precision')
 
 
@@ -102,7 +103,7 @@ def evaluate(model: Annotated[str, 'learner.pkl, or model.safetensors with model
              out: Annotated[str, 'Folder for per_class.csv and the plots (default: beside the model)'] = None,
              precision: Annotated[str, 'Default: the precision the model was trained in (model.json), else fp32',
                                   {'choices': PRECISIONS}] = None,
-             tta: Annotated[bool, "Average each image's prediction with its mirror image's (flip test-time augmentation); its files are named *_tta"] = False,
+             tta: Annotated[bool, TTA_HELP + '; its files are named *_tta'] = False,
              cpu: Annotated[bool, 'Run on the CPU even when a GPU is there (always, without one)'] = False):
     "Accuracy of a trained model on the whole test set, per-class table, confusion matrix and top losses."
     from .artifacts import load_for_inference, trained_precision
@@ -130,7 +131,7 @@ def predict(paths: Annotated[str, '[MODEL] IMAGE_OR_FOLDER...: MODEL is a learne
             format: Annotated[str, 'Output format', {'choices': ('text', 'csv', 'json')}] = 'text',
             top_k: Annotated[int, 'Show the K most likely classes'] = 1,
             bs: Annotated[int, 'Images per batch'] = 128,
-            tta: Annotated[bool, "Average each image's prediction with its mirror image's (flip test-time augmentation)"] = False,
+            tta: Annotated[bool, TTA_HELP] = False,
             cpu: Annotated[bool, 'Run on the CPU even when a GPU is there (always, without one)'] = False):
     "Predict the class of image files (any size or mode: converted to 32x32 RGB), in batches."
     from .artifacts import MODEL_SUFFIXES, SHIPPED_MODEL, load_for_inference
