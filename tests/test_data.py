@@ -100,6 +100,17 @@ def test_validation_images_pass_untouched_and_training_images_are_augmented(tiny
     assert not np.allclose(train_x.numpy(), normalised(raw_train), atol=1e-2)
 
 
+def test_labels_are_the_parent_folders_and_items_see_only_albumentations(tiny_cifar):
+    from fastai.vision.all import TensorCategory
+    dls = cifar_dataloaders(tiny_cifar, resolve_settings({'workers': 0, 'bs': 4}))
+    for dl in (dls.train.new(shuffle=False, drop_last=False), dls.valid):
+        _, y = dl.one_batch()
+        assert isinstance(y, TensorCategory)
+        assert [dls.vocab[i] for i in y] == [f.parent.name for f in dl.items[:4]]
+    # No per-item ToTensor: images stay arrays until the batch, labels are tensors already.
+    assert [type(t).__name__ for t in dls.train.after_item.fs] == ['AlbumentationsTransform']
+
+
 def test_symlink_loop_and_nested_folders_are_refused(tiny_cifar):
     (tiny_cifar / 'train' / 'cat' / 'loop').symlink_to(tiny_cifar / 'train')
     with pytest.raises(CifarFastaiError, match='loop is a folder inside class folder'): cifar_files(tiny_cifar)
