@@ -16,8 +16,11 @@ class Dropout(nn.Dropout):
     # one int64 cost ~6x less. p is honoured to 1/32768.
     def forward(self, x):
         if not self.training or self.p == 0: return x
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)): x = x.contiguous()
         bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_()
-        r = bits.view(torch.int16)[:x.numel()].view(x.shape)
+        # The mask takes x's strides: a channels-last x times a contiguous mask ran several times slower than both
+        # in one layout (torch's profiler: those products were 14% of an fp32 channels-last step).
+        r = bits.view(torch.int16)[:x.numel()].as_strided(x.shape, x.stride())
         # In place, one pass each: keep with probability 1-p, scaled by 1/(1-p) as nn.Dropout does.
         keep = r.bitwise_and_(0x7FFF).ge_(round(self.p * 32768)).to(x.dtype).mul_(1 / (1 - self.p))
         return x * keep

@@ -1,9 +1,10 @@
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
-from cifar_fastai.model import DilatedNet, receptive_field
+from cifar_fastai.model import DilatedNet, Dropout, receptive_field
 from cifar_fastai.summary import layer_table
 
 
@@ -30,6 +31,20 @@ def test_parameter_count_is_the_seeds_197613():
 
 def test_dropout_rate_is_configurable():
     assert {m.p for m in DilatedNet(p=0.2).modules() if isinstance(m, nn.Dropout)} == {0.2}
+
+
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_dropout_drops_at_its_rate_scales_the_rest_and_keeps_the_layout(memory_format):
+    torch.manual_seed(0)
+    x = torch.ones(8, 16, 30, 30).contiguous(memory_format=memory_format).requires_grad_()
+    y = Dropout(0.2).train()(x)
+    assert y.is_contiguous(memory_format=memory_format)
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(0.8, abs=0.01)
+    assert torch.allclose(y[kept], torch.tensor(1 / 0.8))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient goes through the same mask and scale
+    assert Dropout(0.2).eval()(x) is x
 
 
 def test_forward_gives_ten_logits_per_image():
