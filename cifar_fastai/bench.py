@@ -14,7 +14,8 @@ from fastai.vision.all import cifar_stats
 from .augment import seed_augmentations
 from .data import DecodedImages, balanced_subset, cifar_files
 from .model import DilatedNet
-from .train import build_learner, channels_last_helps, default_workers, inference_callbacks, precision_callbacks
+from .train import (build_learner, channels_last_helps, default_workers, inference_callbacks, precision_callbacks,
+                    versions)
 
 __all__ = ['run_bench']
 
@@ -57,34 +58,49 @@ def plain_epoch(model, opt, loader, precision, device):
     return n, time.perf_counter() - t0
 
 
+def images_per_s(loader):
+    "Images/s of one pass over `loader`, batches made and thrown away."
+    t0, n = time.perf_counter(), 0
+    for x, _ in loader: n += len(x)
+    return n / (time.perf_counter() - t0)
+
+
 def run_bench(root, s, precisions=('fp32', 'bf16'), repeats=3):
     "Rows of (measure, precision, images/s median, ...) for the table; prints as it goes."
     workers = default_workers() if s['workers'] is None else s['workers']
     s = {**s, 'workers': workers, 'valid_size': s['valid_size'] or 500}
-    rows = []
+    rows, machine = [], versions()['device']
+    print(f'{machine}; torch {torch.__version__}, {torch.get_num_threads()} threads', flush=True)
 
     def add(measure, precision, rates, plain=None):
-        row = dict(measure=measure, precision=precision, images_per_s=statistics.median(rates), repeats=len(rates))
+        row = dict(measure=measure, precision=precision, images_per_s=statistics.median(rates), repeats=len(rates),
+                   machine=machine)
+        # The ratio is the median of each round's own ratio: the machine's speed drifts between rounds (by a
+        # quarter on a shared 2-core VM), and the project and the plain loop of one round see the same drift.
         if plain: row.update(plain_images_per_s=statistics.median(plain),
-                             ratio=statistics.median(rates) / statistics.median(plain))
+                             ratio=statistics.median(a / b for a, b in zip(rates, plain)))
         rows.append(row)
         print(pd.DataFrame([row]).to_string(index=False, header=len(rows) == 1, float_format='%.2f'), flush=True)
+        # Each repeat too: on a shared machine the spread says how far to trust the medians.
+        print('  each repeat:', ' '.join(f'{v:.0f}' for v in rates),
+              *(['| plain:', ' '.join(f'{v:.0f}' for v in plain)] if plain else []), flush=True)
 
     learn = build_learner({**s, 'precision': 'fp32'}, root)
     device = learn.dls.device
-    # 1. The data pipeline alone: decoded pixels through albumentations and fastai, no model.
-    rates = []
-    for _ in range(repeats + 1):
-        t0, n = time.perf_counter(), 0
-        for x, _ in learn.dls.train: n += len(x)
-        rates.append(n / (time.perf_counter() - t0))
-    add(f'data pipeline ({workers} workers)', '-', rates[1:])
-
-    # 2-3. Training: project's Learner.fit vs the plain loop, alternating, first round discarded as warm-up.
     train, _, vocab = cifar_files(root)
     files = balanced_subset(train, s['train_size'], s['seed'])
     loader = torch.utils.data.DataLoader(PlainDataset(DecodedImages(files), files, vocab, seed_augmentations(s)),
                                          batch_size=s['bs'], shuffle=True, drop_last=True, num_workers=workers)
+
+    # 1. The data pipeline alone: decoded pixels through albumentations and fastai, no model; against the same
+    # pixels and albumentations through a torch DataLoader, alternating, first round discarded as warm-up.
+    ours, plain = [], []
+    for r in range(repeats + 1):
+        rates = [images_per_s(dl) for dl in (learn.dls.train, loader)]
+        if r: ours.append(rates[0]), plain.append(rates[1])
+    add(f'data pipeline ({workers} workers) vs torch DataLoader', '-', ours, plain)
+
+    # 2-3. Training: project's Learner.fit vs the plain loop, alternating, first round discarded as warm-up.
     for precision in precisions:
         timer = TrainTimer()
         cbs = [timer, *precision_callbacks(precision)]

@@ -109,14 +109,19 @@ def evaluate(model: Annotated[str, 'learner.pkl, or model.safetensors with model
     from .artifacts import load_for_inference, trained_precision
     from .data import cifar_files, locate_data
     from .interpret import evaluate_learner
-    from .train import inference_callbacks
+    from .train import inference_callbacks, precision_available
     learn = load_for_inference(model, cpu)
     root = locate_data(data)
     _, test, classes = cifar_files(root)
     if list(classes) != list(learn.dls.vocab):
         raise CifarFastaiError(f'data: classes {classes} differ from the model\'s {list(learn.dls.vocab)}')
     out = _out_folder(out or Path(model).expanduser().parent)
-    precision = precision or trained_precision(model) or 'fp32'
+    if precision is None:
+        precision = trained_precision(model) or 'fp32'
+        if not precision_available(precision):
+            print(f'cifar-fastai: the model was trained in {precision}, which this machine does not run; '
+                  'evaluating in fp32', file=sys.stderr)
+            precision = 'fp32'
     suffix = '_tta' if tta else ''
     acc, table = evaluate_learner(learn, test, out, cbs=inference_callbacks(learn, precision, tta), suffix=suffix)
     print(table.to_string(float_format=lambda v: f'{v:.4f}'))
@@ -158,16 +163,23 @@ def predict(paths: Annotated[str, '[MODEL] IMAGE_OR_FOLDER...: MODEL is a learne
 @delegates(_settings, but=['config', 'epochs', 'lr', 'schedule', 'step_size', 'gamma', 'dropout', 'label_smoothing',
                            'precision', 'seed', 'valid_size', 'wd', 'momentum', 'train_size'])
 def bench(train_size: Annotated[int, 'Training images per measured epoch'] = 5120,
-          precision: Annotated[str, 'Comma-separated precisions to compare'] = 'fp32,bf16',
+          precision: Annotated[str, 'Comma-separated precisions to compare (default: fp32, and bf16 where this '
+                                    'machine supports it)'] = None,
           repeats: Annotated[int, 'Measured repeats after one warm-up; medians are reported'] = 3,
           out: Annotated[str, 'CSV file for the table'] = 'bench.csv',
           **kwargs):
     "Measure images/s: data pipeline, Learner.fit against a plain PyTorch loop, exported-learner inference."
     from .bench import run_bench
     from .data import locate_data
-    precisions = tuple(p.strip() for p in precision.split(','))
+    from .train import autocast_callbacks, precision_available
+    if precision is None:
+        precisions = tuple(p for p in ('fp32', 'bf16') if precision_available(p))
+        if 'bf16' not in precisions:
+            print('cifar-fastai: bf16 not measured: this CPU has no bf16 support', file=sys.stderr)
+    else: precisions = tuple(p.strip() for p in precision.split(','))
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad: raise CifarFastaiError(f'precision must be among {", ".join(PRECISIONS)}, got {", ".join(bad)}')
+    for p in precisions: autocast_callbacks(p)  # a precision this machine lacks fails now, not after the others
     if repeats < 1: raise CifarFastaiError(f'repeats must be positive, got {repeats}')
     s = resolve_settings(dict(kwargs, train_size=train_size))
     table = run_bench(locate_data(kwargs['data']), s, precisions, repeats)

@@ -22,9 +22,8 @@ from .data import cifar_dataloaders, locate_data
 from .errors import CifarFastaiError
 from .model import DilatedNet
 
-__all__ = ['default_workers', 'channels_last_helps', 'autocast_callbacks', 'precision_callbacks',
-           'inference_callbacks', 'build_learner', 'fit_run', 'resume_run',
-           'RUN_FILES']
+__all__ = ['default_workers', 'channels_last_helps', 'cpu_has_bf16', 'precision_available', 'autocast_callbacks',
+           'precision_callbacks', 'inference_callbacks', 'build_learner', 'fit_run', 'resume_run', 'RUN_FILES']
 
 RUN_FILES = ('config.json', 'history.csv', 'curves.png', 'checkpoint.pth', 'model.safetensors', 'model.json',
              'learner.pkl')
@@ -45,13 +44,22 @@ def channels_last_helps(precision):
     return precision == 'fp32' or use_cuda()
 
 
+def cpu_has_bf16():
+    "Whether torch's oneDNN has bf16 kernels for this CPU (it needs AVX-512; AVX512_BF16 and AMX run them fastest)."
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def precision_available(precision):
+    "Whether this machine runs `precision`: fp32 anywhere, bf16 on CUDA or a CPU with native bf16, fp16 on CUDA."
+    return precision == 'fp32' or use_cuda() or (precision == 'bf16' and cpu_has_bf16())
+
+
 def autocast_callbacks(precision):
     "Mixed precision: fastai's on CUDA, bf16 autocast on the CPU, nothing for fp32."
     if precision == 'fp32': return []
     if use_cuda(): return [MixedPrecision(amp_mode=precision)]
     if precision == 'fp16': raise CifarFastaiError('precision fp16 needs a CUDA GPU; on the CPU use --precision bf16')
-    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        raise CifarFastaiError('precision bf16: this CPU has no bf16 support; use --precision fp32')
+    if not cpu_has_bf16(): raise CifarFastaiError('precision bf16: this CPU has no bf16 support; use --precision fp32')
     return [CPUAutocast()]
 
 
@@ -102,7 +110,9 @@ def cpu_name():
 
 def versions():
     "Library versions and the machine, for config.json: results are only comparable on like machines."
-    device = torch.cuda.get_device_name() if use_cuda() else f'CPU: {cpu_name()}, {os.cpu_count()} cores'
+    # The vector unit matters as much as the name: an 'AMD EPYC' may run bf16 natively (AVX512) or not (AVX2).
+    device = (torch.cuda.get_device_name() if use_cuda() else
+              f'CPU: {cpu_name()}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}')
     return dict(python=platform.python_version(), torch=torch.__version__, fastai=fastai.__version__,
                 albumentations=albumentations.__version__, device=device)
 

@@ -62,8 +62,8 @@ def bench_table(results=RESULTS):
     fmt = lambda v: '' if pd.isna(v) else f'{v:.0f}'
     return markdown(pd.DataFrame({'measure': b.measure, 'precision': b.precision, 'images/s (median)': b.images_per_s.map(fmt),
                          'plain PyTorch loop, images/s': b.plain_images_per_s.map(fmt),
-                         'ratio project/plain': b.ratio.map(lambda v: '' if pd.isna(v) else f'{v:.2f}')}
-                        ))
+                         'ratio project/plain': b.ratio.map(lambda v: '' if pd.isna(v) else f'{v:.2f}'),
+                         'machine': b.machine}))
 
 
 def markdown(df):

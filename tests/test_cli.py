@@ -100,3 +100,29 @@ def test_missing_or_unwritable_out_is_reported_before_training(capsys, tmp_path,
 
 def test_resume_refuses_new_settings(capsys, tmp_path):
     fails_with_one_line(capsys, ['fit', '--resume', str(tmp_path), '--train-size', '100'], 'drop --train-size')
+
+
+def test_bench_refuses_a_precision_this_machine_lacks_before_measuring(capsys, monkeypatch, tmp_path, tiny_cifar):
+    import cifar_fastai.train as train
+    monkeypatch.setattr(train, 'cpu_has_bf16', lambda: False)
+    monkeypatch.setattr(train, 'use_cuda', lambda: False)
+    out = tmp_path / 'bench.csv'
+    fails_with_one_line(capsys, ['bench', '--data', str(tiny_cifar), '--precision', 'fp32,bf16', '--out', str(out)],
+                        'this CPU has no bf16 support')
+    assert not out.exists()
+
+
+def test_bench_measures_fp32_only_where_bf16_is_missing_and_writes_its_table(capsys, monkeypatch, tmp_path,
+                                                                             tiny_cifar):
+    import cifar_fastai.train as train
+    monkeypatch.setattr(train, 'cpu_has_bf16', lambda: False)
+    monkeypatch.setattr(train, 'use_cuda', lambda: False)
+    out = tmp_path / 'bench.csv'
+    main(['bench', '--data', str(tiny_cifar), '--train-size', '12', '--bs', '4', '--repeats', '1', '--out', str(out)])
+    assert "bf16 not measured" in capsys.readouterr().err
+    table = pd.read_csv(out)
+    assert table.measure.str.split(':| \\(', regex=True).str[0].tolist() == ['data pipeline', 'train', 'inference']
+    assert table.precision.tolist() == ['-', 'fp32', 'fp32']
+    assert (table.images_per_s > 0).all() and table.machine.str.startswith('CPU: ').all()
+    compared = table.iloc[:2]  # one repeat: the median of the rounds' ratios is that round's ratio
+    assert compared.ratio.tolist() == pytest.approx((compared.images_per_s / compared.plain_images_per_s).tolist())
