@@ -89,11 +89,12 @@ def lr_find(out: Annotated[str, 'Folder for lr_find.png'] = '.',
     if not 0 < start_lr < end_lr: raise CifarFastaiError(f'need 0 < start-lr < end-lr, got {start_lr} and {end_lr}')
     if num_it < 40: raise CifarFastaiError(f'num-it must be at least 40 (for the suggestions), got {num_it}')
     s = resolve_settings(kwargs, kwargs['config'])
+    cbs = precision_callbacks(s['precision'])  # before any folder is made or image read
     out = _out_folder(out)
     root = locate_data(kwargs['data'])
     set_seed(s['seed'], reproducible=True)
     learn = build_learner(s, root, path=out)
-    sugg = find_lr(learn, out / 'lr_find.png', start_lr, end_lr, num_it, cbs=precision_callbacks(s['precision']))
+    sugg = find_lr(learn, out / 'lr_find.png', start_lr, end_lr, num_it, cbs=cbs)
     for name, v in sugg.items(): print(f'{name:>8}: {v:.2e}')
     print(f'plot: {out / "lr_find.png"}')
 

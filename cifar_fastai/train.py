@@ -148,6 +148,7 @@ def _truncate_history(path, n_rows):
 
 
 def _fit(s, root, out, ckpt):
+    precision_cbs = precision_callbacks(s['precision'])  # a precision this machine lacks fails before out is touched
     set_seed(s['seed'], reproducible=True)
     learn = build_learner(s, root, path=out)  # reads and checks every image: bad data fails before out is touched
     if not ckpt:
@@ -156,7 +157,7 @@ def _fit(s, root, out, ckpt):
         (out / 'config.json').write_text(json.dumps(dict(settings=s, data=str(root), versions=versions()), indent=2))
     aug = aug_transform(learn)
     start = ckpt['epoch'] if ckpt else 0
-    cbs = [HistoryCSV(out, start_epoch=start), Checkpoint(out / 'checkpoint.pth', aug), *precision_callbacks(s['precision'])]
+    cbs = [HistoryCSV(out, start_epoch=start), Checkpoint(out / 'checkpoint.pth', aug), *precision_cbs]
     if ckpt: cbs.append(ResumeFromCheckpoint(ckpt, aug))
     if start >= s['epochs']:  # killed after the last epoch, before the export
         learn.model.load_state_dict(ckpt['model'])

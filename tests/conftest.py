@@ -38,6 +38,14 @@ def isolated_env(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def cpu_without_bf16(monkeypatch):
+    "This machine seen as a CPU without bf16 kernels and with no GPU, whatever it has."
+    import cifar_fastai.train as train
+    monkeypatch.setattr(train, 'cpu_has_bf16', lambda: False)
+    monkeypatch.setattr(train, 'use_cuda', lambda: False)
+
+
+@pytest.fixture
 def tiny_cifar(tmp_path):
     return make_cifar(tmp_path / 'data' / 'cifar10')
 

@@ -102,21 +102,31 @@ def test_resume_refuses_new_settings(capsys, tmp_path):
     fails_with_one_line(capsys, ['fit', '--resume', str(tmp_path), '--train-size', '100'], 'drop --train-size')
 
 
-def test_bench_refuses_a_precision_this_machine_lacks_before_measuring(capsys, monkeypatch, tmp_path, tiny_cifar):
-    import cifar_fastai.train as train
-    monkeypatch.setattr(train, 'cpu_has_bf16', lambda: False)
-    monkeypatch.setattr(train, 'use_cuda', lambda: False)
+def test_a_precision_this_machine_lacks_fails_before_a_run_folder_is_touched(capsys, cpu_without_bf16, tmp_path,
+                                                                             tiny_cifar):
+    run = tmp_path / 'run'
+    fit = ['fit', '--data', str(tiny_cifar), '--bs', '4', '--precision', 'bf16', '--out', str(run)]
+    fails_with_one_line(capsys, fit, 'this CPU has no bf16 support')
+    assert not run.exists()
+    # Not even with --force over a finished run: its files stay.
+    run.mkdir()
+    (run / 'history.csv').write_text('epoch\n0\n')
+    fails_with_one_line(capsys, fit + ['--force'], 'this CPU has no bf16 support')
+    assert (run / 'history.csv').read_text() == 'epoch\n0\n'
+    fails_with_one_line(capsys, ['lr-find', '--data', str(tiny_cifar), '--bs', '4', '--precision', 'bf16',
+                                 '--out', str(tmp_path / 'lr')], 'this CPU has no bf16 support')
+    assert not (tmp_path / 'lr').exists()
+
+
+def test_bench_refuses_a_precision_this_machine_lacks_before_measuring(capsys, cpu_without_bf16, tmp_path, tiny_cifar):
     out = tmp_path / 'bench.csv'
     fails_with_one_line(capsys, ['bench', '--data', str(tiny_cifar), '--precision', 'fp32,bf16', '--out', str(out)],
                         'this CPU has no bf16 support')
     assert not out.exists()
 
 
-def test_bench_measures_fp32_only_where_bf16_is_missing_and_writes_its_table(capsys, monkeypatch, tmp_path,
+def test_bench_measures_fp32_only_where_bf16_is_missing_and_writes_its_table(capsys, cpu_without_bf16, tmp_path,
                                                                              tiny_cifar):
-    import cifar_fastai.train as train
-    monkeypatch.setattr(train, 'cpu_has_bf16', lambda: False)
-    monkeypatch.setattr(train, 'use_cuda', lambda: False)
     out = tmp_path / 'bench.csv'
     main(['bench', '--data', str(tiny_cifar), '--train-size', '12', '--bs', '4', '--repeats', '1', '--out', str(out)])
     assert "bf16 not measured" in capsys.readouterr().err

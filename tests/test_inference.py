@@ -57,16 +57,14 @@ def test_evaluate_prints_the_accuracy_learner_validate_gives(capsys, tmp_path, t
         with Image.open(tmp_path / png) as im: assert im.format == 'PNG' and im.size[0] > 100
 
 
-def test_evaluate_falls_back_to_fp32_where_the_trained_precision_is_missing(capsys, monkeypatch, tmp_path, trained):
-    import cifar_fastai.train as train
+def test_evaluate_falls_back_to_fp32_where_the_trained_precision_is_missing(capsys, cpu_without_bf16, tmp_path,
+                                                                           trained):
     learn, run, root = trained
     model = tmp_path / 'model.safetensors'
     model.write_bytes((run / 'model.safetensors').read_bytes())
     info = json.loads((run / 'model.json').read_text())
     info['config']['precision'] = 'bf16'
     model.with_suffix('.json').write_text(json.dumps(info))
-    monkeypatch.setattr(train, 'cpu_has_bf16', lambda: False)
-    monkeypatch.setattr(train, 'use_cuda', lambda: False)
     code, out, err = run_main(capsys, 'evaluate', model, '--data', root, '--out', tmp_path)
     assert code == 0 and 'trained in bf16, which this machine does not run; evaluating in fp32' in err
     _, valid_acc = learn.validate()

@@ -38,7 +38,8 @@ def test_dropout_drops_at_its_rate_scales_the_rest_and_keeps_the_layout(memory_f
     torch.manual_seed(0)
     x = torch.ones(8, 16, 30, 30).contiguous(memory_format=memory_format).requires_grad_()
     y = Dropout(0.2).train()(x)
-    assert y.is_contiguous(memory_format=memory_format)
+    # The mask (kept for the backward) is laid out like x: mixed layouts make every product a strided one.
+    assert y.grad_fn._saved_other.is_contiguous(memory_format=memory_format)
     kept = y != 0
     assert kept.float().mean().item() == pytest.approx(0.8, abs=0.01)
     assert torch.allclose(y[kept], torch.tensor(1 / 0.8))
