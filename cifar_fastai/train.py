@@ -50,17 +50,17 @@ def cpu_has_bf16():
 
 
 def precision_available(precision):
-    "Whether this machine runs `precision`: fp32 anywhere, bf16 on CUDA or a CPU with native bf16, fp16 on CUDA."
+    "Whether this machine runs `precision`: fp32 anywhere, bf16 on CUDA or a CPU with bf16 kernels, fp16 on CUDA."
     return precision == 'fp32' or use_cuda() or (precision == 'bf16' and cpu_has_bf16())
 
 
 def autocast_callbacks(precision):
-    "Mixed precision: fastai's on CUDA, bf16 autocast on the CPU, nothing for fp32."
+    "Mixed precision: fastai's on CUDA, bf16 autocast on the CPU, nothing for fp32; an error where it cannot run."
+    if not precision_available(precision):
+        raise CifarFastaiError('precision fp16 needs a CUDA GPU; on the CPU use --precision bf16' if precision == 'fp16'
+                               else 'precision bf16: this CPU has no bf16 support; use --precision fp32')
     if precision == 'fp32': return []
-    if use_cuda(): return [MixedPrecision(amp_mode=precision)]
-    if precision == 'fp16': raise CifarFastaiError('precision fp16 needs a CUDA GPU; on the CPU use --precision bf16')
-    if not cpu_has_bf16(): raise CifarFastaiError('precision bf16: this CPU has no bf16 support; use --precision fp32')
-    return [CPUAutocast()]
+    return [MixedPrecision(amp_mode=precision)] if use_cuda() else [CPUAutocast()]
 
 
 def precision_callbacks(precision):
