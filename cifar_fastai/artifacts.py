@@ -1,5 +1,4 @@
 "Exported models: fastai's learner.pkl, and the pickle-free model.safetensors + model.json pair."
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -7,12 +6,11 @@ from pathlib import Path
 import torch
 from fastai.learner import Learner, load_learner
 from fastai.vision.all import CrossEntropyLossFlat, Normalize, accuracy
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .data import inference_dataloaders
 from .errors import CifarFastaiError
 from .model import DilatedNet
+from .modelio import model_files, read_model, trained_precision
 
 __all__ = ['MODEL_SUFFIXES', 'SHIPPED_MODEL', 'export_safetensors', 'load_for_inference', 'trained_precision']
 
@@ -21,18 +19,11 @@ MODEL_SUFFIXES = ('.pkl', '.safetensors', '.json')
 SHIPPED_MODEL = str(Path(__file__).parent / 'assets' / 'model.safetensors')
 
 
-def export_safetensors(learn, folder, settings, metrics):
-    "Weights as `model.safetensors`; architecture, classes, normalisation, config and metrics as `model.json`."
-    folder = Path(folder)
+def export_safetensors(learn, run, settings, metrics):
+    "Into RunFolder `run`: weights as `model.safetensors`; architecture, classes, normalisation, config, metrics as `model.json`."
     norm = next(t for t in learn.dls.after_batch.fs if isinstance(t, Normalize))
-    # safetensors stores plain contiguous tensors; a channels-last model must be laid out normally first.
-    save_file({k: v.detach().cpu().contiguous() for k, v in learn.model.state_dict().items()},
-              str(folder / 'model.safetensors'))
-    meta = dict(arch='DilatedNet', arch_settings=dict(n_out=len(learn.dls.vocab), p=settings['dropout']),
-                classes=list(learn.dls.vocab),
-                normalize=dict(mean=norm.mean.flatten().tolist(), std=norm.std.flatten().tolist()),
-                config=settings, metrics=metrics)
-    (folder / 'model.json').write_text(json.dumps(meta, indent=2))
+    stats = norm.mean.flatten().tolist(), norm.std.flatten().tolist()
+    for name, data in model_files(learn.model, learn.dls.vocab, stats, settings, metrics).items(): run.write(name, data)
 
 
 def load_for_inference(path, cpu=True):
@@ -45,27 +36,11 @@ def load_for_inference(path, cpu=True):
     return learn
 
 
-def trained_precision(path):
-    "The precision a safetensors model was trained and validated in (from model.json); None for a pickle."
-    try: return json.loads(Path(path).expanduser().with_suffix('.json').read_text())['config']['precision']
-    except (OSError, ValueError, KeyError, TypeError): return None
-
-
 def _from_safetensors(path, cpu):
-    meta_path = path.with_suffix('.json')
-    try:
-        meta = json.loads(meta_path.read_text())
-        classes, norm, arch = meta['classes'], meta['normalize'], meta['arch_settings']
-        if meta['arch'] != 'DilatedNet': raise ValueError(f'unknown architecture {meta["arch"]!r}')
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CifarFastaiError(f'model: {meta_path} is missing or not a cifar-fastai model.json '
-                               f'({type(e).__name__}: {e})') from None
-    model = DilatedNet(n_out=arch['n_out'], p=arch['p'])
-    try: model.load_state_dict(load_file(str(path)))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise CifarFastaiError(f'model: {path} is not a DilatedNet safetensors file ({type(e).__name__})') from None
+    # read_model checks every field of both files before it builds anything from them (see modelio).
+    model, meta = read_model(path)
     device = 'cpu' if cpu or not torch.cuda.is_available() else 'cuda'
-    dls = inference_dataloaders(classes, (norm['mean'], norm['std']), device=device)
+    dls = inference_dataloaders(meta['classes'], (meta['normalize']['mean'], meta['normalize']['std']), device=device)
     return Learner(dls, model.to(device), loss_func=CrossEntropyLossFlat(), metrics=accuracy)
 
 

@@ -14,8 +14,8 @@ from fastai.vision.all import cifar_stats
 from .augment import seed_augmentations
 from .data import DecodedImages, balanced_subset, cifar_files
 from .model import DilatedNet
-from .train import (build_learner, channels_last_helps, default_workers, inference_callbacks, precision_callbacks,
-                    versions)
+from .runtime import channels_last_helps, default_workers, inference_callbacks, precision_callbacks, versions
+from .train import build_learner
 
 __all__ = ['run_bench']
 

@@ -1,22 +1,19 @@
 "Callbacks fastai lacks: the spec's StepLR, per-epoch history, CPU autocast, flip TTA, memory trimming, checkpoints."
 import ctypes
 import math
-import os
-import random
+import signal
 import time
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
-from fastai.callback.core import Callback, CancelEpochException
+from fastai.callback.core import Callback, TrainEvalCallback
 from fastai.learner import Recorder
-from fastai.torch_core import to_float
+from fastai.torch_core import get_random_states, set_random_states, to_float
 
-from .plots import plot_curves
+from .plots import curves_png
 
 __all__ = ['StepLRScheduler', 'CPUAutocast', 'FlipTTA', 'ReturnFreedMemory', 'HistoryCSV', 'Checkpoint',
-           'ResumeFromCheckpoint', 'HISTORY_COLUMNS']
+           'ResumeFromCheckpoint', 'StopOnSigterm', 'HISTORY_COLUMNS']
 
 HISTORY_COLUMNS = ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'lr', 'seconds']
 
@@ -67,76 +64,101 @@ class ReturnFreedMemory(Callback):
         if self._malloc_trim: self._malloc_trim(0)
 
 
+class StopOnSigterm(Callback):
+    "SIGTERM (kill, schedulers) during training stops it at the end of the batch under way, as Ctrl-C does."
+    # A handler that raises at once can fire inside a weakref callback or __del__, where Python prints the
+    # exception and carries on; a flag checked after each batch always stops the run, at a clean point.
+    order = TrainEvalCallback.order
+
+    def before_fit(self):
+        self.asked = False
+        self.previous = signal.signal(signal.SIGTERM, self.ask)
+
+    def ask(self, signum, frame): self.asked = True
+
+    def after_batch(self):
+        if self.asked:
+            self.after_fit()
+            raise KeyboardInterrupt
+
+    def after_fit(self): signal.signal(signal.SIGTERM, self.previous)
+
+
 class ResumeFromCheckpoint(Callback):
-    "Continue a run from its checkpoint: load the weights, skip the finished epochs, restore the random states."
-    order = 70  # after Recorder's before_epoch, as fastai's own SkipToEpoch
+    "Continue a run from its checkpoint: weights, optimizer, schedule position, random states; from its epoch on."
+    order = 70  # after TrainEvalCallback and Recorder have reset their counters, after MixedPrecision's scaler
 
     def __init__(self, ckpt, aug_tfm): self.ckpt, self.aug_tfm = ckpt, aug_tfm
 
     def before_fit(self):
+        start = self.ckpt['epoch']
+        self.learn.first_epoch = start  # see ResumableLearner: the finished epochs are not replayed
+        if mbar := getattr(getattr(self.learn, 'progress', None), 'mbar', None):
+            mbar.update(0)  # fastprogress times its bar from an update at 0, which a later first epoch never makes
+        self.learn.train_iter, self.learn.pct_train = start * len(self.dls.train), start / self.n_epoch
         self.model.load_state_dict(self.ckpt['model'])
         self.opt.load_state_dict(self.ckpt['opt'])
+        if self.ckpt.get('scaler') and getattr(self.learn, 'scaler', None): self.learn.scaler.load_state_dict(self.ckpt['scaler'])
+        set_rng_state(self.learn, self.ckpt['rng'])
+        self.aug_tfm.set_state(self.ckpt['aug'])
+        self.recorder.smooth_loss.count, self.recorder.smooth_loss.val = self.ckpt['smooth_loss']
 
-    def before_epoch(self):
-        start = self.ckpt['epoch']
-        if self.epoch < start:
-            # Advance fastai's counters as a finished epoch would, so a one-cycle schedule carries on.
-            self.learn.train_iter += len(self.dls.train)
-            self.learn.pct_train += 1 / self.n_epoch
-            raise CancelEpochException
-        if self.epoch == start:
-            # fastprogress redraws at most every few tenths of a second and the skipped epochs took none, so
-            # its bar still holds an early epoch: name the one that runs now.
-            if mbar := getattr(getattr(self.learn, 'progress', None), 'mbar', None): mbar.main_bar.last_v = start
-            set_rng_state(self.learn, self.ckpt['rng'])
-            self.aug_tfm.set_state(self.ckpt['aug'])
-            self.recorder.smooth_loss.count, self.recorder.smooth_loss.val = self.ckpt['smooth_loss']
+    def after_fit(self): self.learn.first_epoch = 0
 
 
 class HistoryCSV(Callback):
     "One row per finished epoch in `history.csv` (epoch, losses, accuracy, lr, seconds), redrawn as `curves.png`."
     order = Recorder.order + 1
 
-    def __init__(self, folder, start_epoch=0): self.folder, self.start_epoch = Path(folder), start_epoch
+    def __init__(self, run, rows=(), echo=False):
+        # rows: the finished epochs' rows, from the checkpoint when resuming; echo: one plain line per epoch on
+        # stdout, for logs (fastprogress would write every redraw of its bars into them).
+        self.run, self.rows, self.echo = run, [list(r) for r in rows], echo
+
     def before_epoch(self): self.t0 = time.perf_counter()
     def after_batch(self):
         if self.training: self.last_lr = self.opt.hypers[-1]["lr"]
 
     def after_epoch(self):
-        if self.epoch < self.start_epoch: return
         train_loss, valid_loss, acc = self.recorder.values[-1][:3]
-        row = [self.epoch, train_loss, valid_loss, acc, self.last_lr, time.perf_counter() - self.t0]
-        path = self.folder / 'history.csv'
-        pd.DataFrame([row], columns=HISTORY_COLUMNS).to_csv(path, mode='a', header=not path.exists(), index=False)
-        plot_curves(pd.read_csv(path), self.folder / 'curves.png')
+        self.rows.append([self.epoch, float(train_loss), float(valid_loss), float(acc), self.last_lr,
+                          time.perf_counter() - self.t0])
+        history = self.history()
+        self.run.write('history.csv', history.to_csv(index=False))
+        self.run.write('curves.png', curves_png(history))
+        if self.echo:
+            print(f'epoch {self.epoch + 1}/{self.n_epoch}  ' +
+                  '  '.join(f'{k} {v:.6g}' for k, v in zip(HISTORY_COLUMNS[1:], self.rows[-1][1:])), flush=True)
+
+    def history(self): return pd.DataFrame(self.rows, columns=HISTORY_COLUMNS)
 
 
 class Checkpoint(Callback):
     "After every epoch, atomically write everything needed to resume the run exactly into `checkpoint.pth`."
     order = HistoryCSV.order + 1  # after the epoch's history row is on disk
 
-    def __init__(self, path, aug_tfm): self.path, self.aug_tfm = Path(path), aug_tfm
+    def __init__(self, run, aug_tfm, run_info):
+        # run_info: settings, data folder and versions, so that a lost config.json can be rebuilt from here.
+        self.run, self.aug_tfm, self.run_info = run, aug_tfm, run_info
 
     def after_epoch(self):
-        state = dict(epoch=self.epoch + 1, model=self.model.state_dict(), opt=self.opt.state_dict(),
-                     smooth_loss=(self.recorder.smooth_loss.count, self.recorder.smooth_loss.val), rng=rng_state(self.learn),
-                     aug=self.aug_tfm.get_state())
-        tmp = self.path.with_name(self.path.name + '.tmp')
-        with open(tmp, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)  # atomic: a kill leaves the old checkpoint or the new one, never half of one
+        scaler = getattr(self.learn, 'scaler', None)
+        self.run.save_checkpoint(dict(
+            epoch=self.epoch + 1, model=self.model.state_dict(), opt=self.opt.state_dict(),
+            smooth_loss=(self.recorder.smooth_loss.count, self.recorder.smooth_loss.val), rng=rng_state(self.learn),
+            aug=self.aug_tfm.get_state(), scaler=scaler.state_dict() if scaler else None,
+            history=self.history_csv.rows, **self.run_info))
 
 
 def rng_state(learn):
-    "Every random state that decides the rest of a run."
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                data_order=learn.dls.train.rng.getstate())
+    "Every random state that decides the rest of a run: fastai's (python, numpy, torch, CUDA) and the data order."
+    return dict(get_random_states(), data_order=learn.dls.train.rng.getstate())
 
 
 def set_rng_state(learn, st):
-    random.setstate(st['python'])
-    np.random.set_state(st['numpy'])
-    torch.set_rng_state(st['torch'])
+    if 'python' in st:  # checkpoints written before CUDA's state was kept
+        st = dict(random_state=st['python'], numpy_state=st['numpy'], torch_state=st['torch'],
+                  torch_cuda_state=torch.cuda.get_rng_state_all(), torch_deterministic=torch.backends.cudnn.deterministic,
+                  torch_benchmark=torch.backends.cudnn.benchmark, data_order=st['data_order'])
+    set_random_states(**{k: v for k, v in st.items() if k != 'data_order'})
     learn.dls.train.rng.setstate(st['data_order'])

@@ -1,4 +1,5 @@
 "The `cifar-fastai` command: one sub-command per step of the experiment, parsed by fastcore.script."
+import signal
 import sys
 import time
 import warnings
@@ -85,12 +86,14 @@ def lr_find(out: Annotated[str, 'Folder for lr_find.png'] = '.',
     from .data import locate_data
     from .lrfind import find_lr
     from fastai.torch_core import set_seed
-    from .train import build_learner, precision_callbacks
+    from .rundir import writable_folder
+    from .runtime import precision_callbacks
+    from .train import build_learner
     if not 0 < start_lr < end_lr: raise CifarFastaiError(f'need 0 < start-lr < end-lr, got {start_lr} and {end_lr}')
     if num_it < 40: raise CifarFastaiError(f'num-it must be at least 40 (for the suggestions), got {num_it}')
     s = resolve_settings(kwargs, kwargs['config'])
     cbs = precision_callbacks(s['precision'])  # before any folder is made or image read
-    out = _out_folder(out)
+    out = writable_folder(out)
     root = locate_data(kwargs['data'])
     set_seed(s['seed'], reproducible=True)
     learn = build_learner(s, root, path=out)
@@ -101,7 +104,8 @@ def lr_find(out: Annotated[str, 'Folder for lr_find.png'] = '.',
 
 def evaluate(model: Annotated[str, 'learner.pkl, or model.safetensors with model.json beside it'],
              data: Annotated[str, DATA_HELP] = None,
-             out: Annotated[str, 'Folder for per_class.csv and the plots (default: beside the model)'] = None,
+             out: Annotated[str, 'Folder for per_class.csv and the plots (default: beside the model, or the '
+                                 'current folder for the shipped model or a folder we cannot write in)'] = None,
              precision: Annotated[str, 'Default: the precision the model was trained in (model.json), else fp32',
                                   {'choices': PRECISIONS}] = None,
              tta: Annotated[bool, TTA_HELP + '; its files are named *_tta'] = False,
@@ -110,13 +114,14 @@ def evaluate(model: Annotated[str, 'learner.pkl, or model.safetensors with model
     from .artifacts import load_for_inference, trained_precision
     from .data import cifar_files, locate_data
     from .interpret import evaluate_learner
-    from .train import inference_callbacks, precision_available
-    learn = load_for_inference(model, cpu)
+    from .rundir import writable_folder
+    from .runtime import inference_callbacks, precision_available, quiet_when_logged
+    out = writable_folder(out) if out else _evaluation_folder(model)  # before minutes of work, not after
+    learn = quiet_when_logged(load_for_inference(model, cpu))
     root = locate_data(data)
     _, test, classes = cifar_files(root)
     if list(classes) != list(learn.dls.vocab):
         raise CifarFastaiError(f'data: classes {classes} differ from the model\'s {list(learn.dls.vocab)}')
-    out = _out_folder(out or Path(model).expanduser().parent)
     if precision is None:
         precision = trained_precision(model) or 'fp32'
         if not precision_available(precision):
@@ -142,7 +147,7 @@ def predict(paths: Annotated[str, '[MODEL] IMAGE_OR_FOLDER...: MODEL is a learne
     "Predict the class of image files (any size or mode: converted to 32x32 RGB), in batches."
     from .artifacts import MODEL_SUFFIXES, SHIPPED_MODEL, load_for_inference
     from .predict import collect_images, predict_files
-    from .train import inference_callbacks
+    from .runtime import inference_callbacks
     if top_k < 1 or bs < 1: raise CifarFastaiError(f'top-k and bs must be positive, got {top_k} and {bs}')
     model, paths = (paths[0], paths[1:]) if Path(paths[0]).suffix in MODEL_SUFFIXES else (SHIPPED_MODEL, paths)
     if not paths: raise CifarFastaiError('give at least one image file or folder to predict')
@@ -171,8 +176,10 @@ def bench(train_size: Annotated[int, 'Training images per measured epoch'] = 512
           **kwargs):
     "Measure images/s: data pipeline, Learner.fit against a plain PyTorch loop, exported-learner inference."
     from .bench import run_bench
+    from .rundir import atomic_write
     from .data import locate_data
-    from .train import autocast_callbacks, precision_available
+    from .rundir import writable_file
+    from .runtime import autocast_callbacks, precision_available
     if precision is None:
         precisions = tuple(p for p in ('fp32', 'bf16') if precision_available(p))
         if 'bf16' not in precisions:
@@ -183,21 +190,50 @@ def bench(train_size: Annotated[int, 'Training images per measured epoch'] = 512
     for p in precisions: autocast_callbacks(p)  # a precision this machine lacks fails now, not after the others
     if repeats < 1: raise CifarFastaiError(f'repeats must be positive, got {repeats}')
     s = resolve_settings(dict(kwargs, train_size=train_size))
+    out = writable_file(out)  # checked now: the benchmark takes minutes
     table = run_bench(locate_data(kwargs['data']), s, precisions, repeats)
-    table.to_csv(out, index=False)
+    atomic_write(out, table.to_csv(index=False).encode())
     print(f'written to {out}')
 
 
+def sweep(spec: Annotated[str, 'SPEC.toml (see experiments/sweeps/); with --report, the sweep folder'],
+          out: Annotated[str, 'Sweep folder: study.db, trials/<number>/ run folders, summary.csv/.md, sweep.png'] = None,
+          data: Annotated[str, DATA_HELP] = None,
+          jobs: Annotated[int, 'Trials at once on this machine, as processes with cores/jobs torch threads each'] = 1,
+          storage: Annotated[str, 'Optuna storage URL shared by every worker, e.g. postgresql://user:pw@host/db '
+                                  '(default: sqlite in DIR/study.db)'] = None,
+          trials: Annotated[int, "Points drawn from the SPEC's [range] (default: its trials)"] = None,
+          study: Annotated[str, 'Study name (default: the SPEC file name): workers of one study share it'] = None,
+          report: Annotated[bool, 'Only write the summary of the sweep in folder SPEC, from its study'] = False):
+    "Run a sweep: every point of a SPEC's grid/ranges once per seed, as run folders of one Optuna study."
+    from . import sweep as sw
+    if report:
+        sw.report(spec, storage)
+        print(f'summary: {Path(spec) / "summary.md"}')
+        return
+    if out is None: raise CifarFastaiError('sweep: give --out DIR (the sweep folder)')
+    sw.run_sweep(spec, out, data=data, jobs=jobs, storage=storage, trials=trials, study_name=study)
+
+
 COMMANDS = {'summary': summary, 'fit': fit, 'lr-find': lr_find, 'evaluate': evaluate, 'predict': predict,
-            'bench': bench}
-POSITIONAL = {'evaluate': ['model'], 'predict': ['paths']}
+            'bench': bench, 'sweep': sweep}
+POSITIONAL = {'evaluate': ['model'], 'predict': ['paths'], 'sweep': ['spec']}
 
 
-def _out_folder(out):
-    out = Path(out).expanduser()
-    try: out.mkdir(parents=True, exist_ok=True)
-    except OSError as e: raise CifarFastaiError(f'out: cannot create {out} ({e.strerror})') from None
-    return out
+def _evaluation_folder(model):
+    "Beside the model, unless that is not the user's folder (the installed package, or one we cannot write in)."
+    from .rundir import writable_folder
+    folder = Path(model).expanduser().resolve().parent
+    if folder.is_relative_to(Path(__file__).resolve().parent) or 'site-packages' in folder.parts: return Path.cwd()
+    try: return writable_folder(folder, create=False)
+    except CifarFastaiError: return Path.cwd()
+
+
+def _stop_on_sigterm(signum, frame):
+    # SIGTERM (kill, schedulers) stops a command the way Ctrl-C does: through KeyboardInterrupt, which fit turns
+    # into one line saying how to resume, and which every atomic write cleans up after. While training,
+    # callbacks.StopOnSigterm takes over and stops at the end of a batch.
+    raise KeyboardInterrupt
 
 
 def _fail(msg, code):
@@ -219,6 +255,7 @@ def main(argv=None):
     parser.error = lambda msg: _fail(f'{cmd}: {msg}', 2)  # one line, not argparse's usage dump
     args = vars(parser.parse_args(rest))
     args.pop('pdb', None), args.pop('xtra', None)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try: func(**args)
-    except CifarFastaiError as e: _fail(e, 1)
+    except CifarFastaiError as e: _fail(e, e.exit_code)
     except KeyboardInterrupt: _fail('interrupted; a run can be continued with fit --resume RUN_DIR', 130)

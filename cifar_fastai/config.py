@@ -4,7 +4,8 @@ from pathlib import Path
 
 from .errors import CifarFastaiError
 
-__all__ = ['DEFAULTS', 'SCHEDULES', 'PRECISIONS', 'read_config', 'resolve_settings']
+__all__ = ['DEFAULTS', 'SCHEDULES', 'PRECISIONS', 'SETTINGS_VERSION', 'ADDED_SETTINGS', 'read_config',
+           'resolve_settings', 'upgrade_settings', 'check_settings']
 
 SCHEDULES = ('step', 'one-cycle')
 PRECISIONS = ('fp32', 'bf16', 'fp16')
@@ -21,6 +22,12 @@ DEFAULTS = dict(
     brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1, color_jitter_p=0.5,
     cutout_size=16, cutout_p=0.5,         # one square hole of cutout_size pixels, filled with the mean pixel
 )
+
+# The settings' version, recorded in every run's config.json and checkpoint. A setting added later goes into
+# ADDED_SETTINGS under the version that introduced it, with the value that reproduces what runs did before it
+# existed: an older run then resumes exactly as it started (its config lacks the setting).
+SETTINGS_VERSION = 1
+ADDED_SETTINGS = {}  # version -> {setting: value older runs behaved as}
 
 _POSITIVE = ('epochs', 'bs', 'lr', 'step_size', 'cutout_size')
 _NON_NEGATIVE = ('wd', 'momentum', 'dropout', 'label_smoothing', 'shift_limit', 'scale_limit', 'rotate_limit',
@@ -48,12 +55,27 @@ def resolve_settings(flags, config=None):
     "DEFAULTS, overridden by the config file, overridden by the flags given (not None); then checked."
     s = {**DEFAULTS, **(read_config(config) if config else {}),
          **{k: v for k, v in flags.items() if k in DEFAULTS and v is not None}}
-    _check(s)
+    check_settings(s)
     return s
 
 
-def _check(s):
-    def bad(k, why): raise CifarFastaiError(f'{k.replace("_", "-")} must be {why}, got {s[k]!r}')
+def upgrade_settings(saved, version=1, source='config.json'):
+    "A run's saved settings in today's terms: settings added since `version` filled as the run behaved; checked."
+    if not isinstance(saved, dict): raise CifarFastaiError(f'{source}: settings are not a table')
+    unknown = sorted(set(saved) - set(DEFAULTS))
+    if unknown: raise CifarFastaiError(f'{source}: unknown setting(s) {", ".join(unknown)} (written by a newer '
+                                       'cifar-fastai, or edited by hand)')
+    added = {k: v for ver, new in ADDED_SETTINGS.items() if ver > version for k, v in new.items()}
+    missing = sorted(set(DEFAULTS) - set(saved) - set(added))
+    if missing: raise CifarFastaiError(f'{source}: setting(s) {", ".join(missing)} missing')
+    s = {**added, **saved}
+    check_settings(s, source=f'{source}: ')
+    return s
+
+
+def check_settings(s, source=''):
+    "One line for the first setting out of its type or range."
+    def bad(k, why): raise CifarFastaiError(f'{source}{k.replace("_", "-")} must be {why}, got {s[k]!r}')
     for k in _INTS:
         if s[k] is not None and (isinstance(s[k], bool) or not isinstance(s[k], int)): bad(k, 'an integer')
     for k in DEFAULTS:
@@ -65,6 +87,7 @@ def _check(s):
         if s[k] < 0: bad(k, '0 or more')
     for k in _PROBABILITIES:
         if not 0 <= s[k] <= 1: bad(k, 'between 0 and 1')
+    if s['dropout'] >= 1: bad('dropout', 'below 1 (dropout 1 drops every activation)')
     for k in ('workers', 'train_size', 'valid_size'):
         if s[k] is not None and s[k] < (0 if k == 'workers' else 1): bad(k, 'positive' if k != 'workers' else '0 or more')
     if s['schedule'] not in SCHEDULES: bad('schedule', f'one of {", ".join(SCHEDULES)}')

@@ -4,6 +4,7 @@ import random
 import shutil
 import tarfile
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,9 @@ from PIL import Image
 from .augment import AlbumentationsTransform, HWCToTensorImage, seed_augmentations
 from .config import DEFAULTS
 from .errors import CifarFastaiError
+from .modelio import MAX_CLASS_NAME, MAX_CLASSES
 
-__all__ = ['locate_data', 'download_cifar', 'cifar_files', 'balanced_subset', 'load_rgb32', 'UNREADABLE',
+__all__ = ['locate_data', 'download_cifar', 'cifar_files', 'balanced_subset', 'load_rgb32', 'UNREADABLE', 'MAX_PIXELS',
            'DecodedImages', 'SharedLabelTensors', 'cifar_datablock', 'cifar_dataloaders', 'inference_dataloaders']
 
 IMAGE_SIZE = 32
@@ -92,6 +94,11 @@ def cifar_files(root):
     if not classes['train']: raise CifarFastaiError(f'data: {root / "train"} has no class folders with images')
     if classes['test'] != classes['train']:
         raise CifarFastaiError(f'data: train/ and test/ hold different classes ({classes["train"]} vs {classes["test"]})')
+    # What a model.json may hold (modelio): a run on other folders would export a model its own loader refuses.
+    bad = [c for c in classes['train'] if not (c.isprintable() and len(c) <= MAX_CLASS_NAME)]
+    if not 2 <= len(classes['train']) <= MAX_CLASSES or bad:
+        raise CifarFastaiError(f'data: {root} has {len(classes["train"])} class folders{f" ({bad[0]!r} among them)" if bad else ""}; '
+                               f'a model needs 2 to {MAX_CLASSES}, with printable names')
     return files['train'], files['test'], classes['train']
 
 
@@ -111,13 +118,24 @@ def balanced_subset(files, n, seed):
 
 # What PIL raises for files that are not (whole) images.
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# Larger images are refused from their header, before a pixel is decoded: the number above which PIL itself warns
+# of a decompression bomb (and decodes anyway), so that a file of a few bytes never costs a gigabyte.
+MAX_PIXELS = 89_478_485
 
 
 def load_rgb32(path):
     "Any image file as a 32x32 RGB uint8 array: every mode converted to RGB, every size resized the same way."
-    with Image.open(path) as im:
+    with warnings.catch_warnings():
+        # PIL warns of a decompression bomb in several lines, and would decode it: refused below, in one.
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+        im = Image.open(path)
+    with im:
+        if im.width * im.height > MAX_PIXELS:
+            raise Image.DecompressionBombError(f'{im.width}x{im.height} pixels, over {MAX_PIXELS}')
         if im.mode.startswith('I'):  # 16/32-bit greyscale: scale 0..65535 down to 0..255 rather than clip
-            im = Image.fromarray((np.asarray(im, dtype=np.float32) / 257).clip(0, 255).astype(np.uint8))
+            grey = np.asarray(im, dtype=np.float32)
+            grey /= 257  # in place: one float copy of a large image, not three
+            im = Image.fromarray(np.clip(grey, 0, 255, out=grey).astype(np.uint8))
         elif im.mode == 'P' and 'transparency' in im.info:
             im = im.convert('RGBA')  # what PIL asks for before dropping a palette's transparency
         im = im.convert('RGB')
@@ -180,8 +198,11 @@ def block(type_tfms, batch_tfms=None):
 
 def cifar_datablock(images, vocab=None, augment=None, stats=cifar_stats):
     "(image, class) items from `images`; split on the grandparent folder (train/test), labelled by the parent."
+    # A given vocab (a model's classes, in the order of its outputs) is kept as it is: fastai would sort it, and a
+    # model.json whose classes are not in sorted order would then put the wrong name on every prediction.
+    labels = SharedLabelTensors(vocab=vocab, sort=vocab is None)
     return DataBlock(
-        blocks=(block(images, batch_tfms=IntToFloatTensor), block(SharedLabelTensors(vocab=vocab))),
+        blocks=(block(images, batch_tfms=IntToFloatTensor), block(labels)),
         splitter=GrandparentSplitter(train_name='train', valid_name='test'),
         get_y=parent_label,
         item_tfms=AlbumentationsTransform(augment or seed_augmentations(DEFAULTS)),

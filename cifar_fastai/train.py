@@ -1,77 +1,45 @@
-"Building the Learner and running `fit` into a run folder that can be resumed."
+"Building the Learner and running `fit` into a run folder, from the start or from its last checkpoint."
 import json
-import os
-import platform
-import tempfile
+import shutil
+import sys
 from functools import partial
 from pathlib import Path
 
-import albumentations
-import fastai
 import pandas as pd
 import torch
-from fastai.callback.channelslast import ChannelsLast
-from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.core import CancelEpochException
 from fastai.vision.all import CrossEntropyLossFlat, Learner, SGD, accuracy, set_seed
 
 from .artifacts import export_safetensors
 from .augment import AlbumentationsTransform
-from .callbacks import (CPUAutocast, Checkpoint, FlipTTA, HistoryCSV, ResumeFromCheckpoint, ReturnFreedMemory,
-                        StepLRScheduler)
+from .callbacks import (HISTORY_COLUMNS, Checkpoint, HistoryCSV, ResumeFromCheckpoint, ReturnFreedMemory, StepLRScheduler,
+                        StopOnSigterm)
+from .config import SETTINGS_VERSION, upgrade_settings
 from .data import cifar_dataloaders, locate_data
 from .errors import CifarFastaiError
 from .model import DilatedNet
+from .rundir import RunFolder, RunWriteError, writable_folder
+from .runtime import default_workers, precision_callbacks, quiet_when_logged, silence, versions
 
-__all__ = ['default_workers', 'channels_last_helps', 'cpu_has_bf16', 'precision_available', 'autocast_callbacks',
-           'precision_callbacks', 'inference_callbacks', 'build_learner', 'fit_run', 'resume_run', 'RUN_FILES']
-
-RUN_FILES = ('config.json', 'history.csv', 'curves.png', 'checkpoint.pth', 'model.safetensors', 'model.json',
-             'learner.pkl')
+__all__ = ['ResumableLearner', 'RunInterrupted', 'build_learner', 'fit_run', 'resume_run']
 
 
-def default_workers():
-    # Measured (README, Speed): on 2 cores, worker processes only take CPU from torch's two threads, and the
-    # main process interleaving augmentation with training is fastest. With more cores, workers run beside.
-    cores = os.cpu_count() or 1
-    return 0 if cores <= 2 else min(4, cores // 2)
+class ResumableLearner(Learner):
+    "fastai's Learner, whose `fit` starts at `first_epoch` without replaying the finished epochs."
+    # fastai's own fit(first_epoch=) cancels each earlier epoch in before_epoch, and a cancelled epoch still runs
+    # every after_epoch callback: a checkpoint would be rewritten once per skipped epoch with this process's
+    # random state, and a second kill in that window would resume from the wrong one.
+    first_epoch = 0
+
+    def _do_fit(self):
+        for epoch in range(self.first_epoch, self.n_epoch):
+            self.epoch = epoch
+            self._with_events(self._do_epoch, 'epoch', CancelEpochException)
 
 
-def use_cuda(): return torch.cuda.is_available()
-
-
-def channels_last_helps(precision):
-    # Timed side by side on this CPU: channels-last speeds up fp32 and slows bf16 autocast; on CUDA it helps both.
-    return precision == 'fp32' or use_cuda()
-
-
-def cpu_has_bf16():
-    "Whether torch's oneDNN has bf16 kernels for this CPU (it needs AVX-512; AVX512_BF16 and AMX run them fastest)."
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def precision_available(precision):
-    "Whether this machine runs `precision`: fp32 anywhere, bf16 on CUDA or a CPU with bf16 kernels, fp16 on CUDA."
-    return precision == 'fp32' or use_cuda() or (precision == 'bf16' and cpu_has_bf16())
-
-
-def autocast_callbacks(precision):
-    "Mixed precision: fastai's on CUDA, bf16 autocast on the CPU, nothing for fp32; an error where it cannot run."
-    if not precision_available(precision):
-        raise CifarFastaiError('precision fp16 needs a CUDA GPU; on the CPU use --precision bf16' if precision == 'fp16'
-                               else 'precision bf16: this CPU has no bf16 support; use --precision fp32')
-    if precision == 'fp32': return []
-    return [MixedPrecision(amp_mode=precision)] if use_cuda() else [CPUAutocast()]
-
-
-def precision_callbacks(precision):
-    "Callbacks that make training run at `precision` in the fastest memory format for it."
-    return ([ChannelsLast()] if channels_last_helps(precision) else []) + autocast_callbacks(precision)
-
-
-def inference_callbacks(learn, precision, tta=False):
-    "Put an inference learner's model in the fastest memory format for `precision`; its callbacks (autocast, TTA)."
-    if channels_last_helps(precision): learn.model.to(memory_format=torch.channels_last)
-    return autocast_callbacks(precision) + ([FlipTTA()] if tta else [])
+class RunInterrupted(CifarFastaiError):
+    "Ctrl-C or SIGTERM during a run: the last checkpoint stands, and the message says how to continue."
+    exit_code = 130
 
 
 def build_learner(s, root, path='.'):
@@ -80,94 +48,148 @@ def build_learner(s, root, path='.'):
     loss = CrossEntropyLossFlat(label_smoothing=s['label_smoothing'])
     # decouple_wd=False: L2 in the gradient, as torch.optim.SGD(weight_decay=...) in the seed.
     opt = partial(SGD, mom=s['momentum'], decouple_wd=False)
-    return Learner(dls, DilatedNet(n_out=dls.c, p=s['dropout']), loss_func=loss, opt_func=opt, metrics=accuracy,
-                   wd=s['wd'], path=path, cbs=ReturnFreedMemory())
+    learn = ResumableLearner(dls, DilatedNet(n_out=dls.c, p=s['dropout']), loss_func=loss, opt_func=opt,
+                             metrics=accuracy, wd=s['wd'], path=path, cbs=ReturnFreedMemory())
+    return quiet_when_logged(learn)  # in a log, HistoryCSV prints one plain line per epoch instead of the bars
 
 
 def aug_transform(learn):
     return next(t for t in learn.dls.train.after_item.fs if isinstance(t, AlbumentationsTransform))
 
 
-def check_out_folder(out, force):
-    "Refuse, before any training, an --out we cannot write or that holds another run."
-    out = Path(out).expanduser()
-    parent = out.parent if not out.exists() else out
-    if not parent.is_dir(): raise CifarFastaiError(f'out: parent folder {parent} does not exist')
-    try: tempfile.TemporaryFile(dir=parent).close()  # os.access says yes to root even on read-only mounts
-    except OSError as e: raise CifarFastaiError(f'out: cannot write in {parent} ({e.strerror})') from None
-    if out.exists() and not out.is_dir(): raise CifarFastaiError(f'out: {out} is a file, not a folder')
-    held = [f for f in RUN_FILES if (out / f).exists()]
-    if held and not force:
-        raise CifarFastaiError(f'out: {out} holds another run ({", ".join(held)}); '
-                               f'continue it with --resume {out} or overwrite it with --force')
-    return out
+def fit_run(s, out, data=None, force=False, cbs=(), quiet=False):
+    """Train with settings `s` into a new run folder `out`, held by this process alone; `cbs`: more callbacks
+    (a sweep's pruning), `quiet`: no progress on stdout (sweep workers, several to a terminal)."""
+    precision_callbacks(s['precision'])  # a precision this machine lacks fails before out is touched
+    made = not Path(out).expanduser().exists()
+    with RunFolder(writable_folder(out, parents=False)).lock() as run:  # before anything else: a second writer fails at once
+        held = run.held_files()
+        if held and not force:
+            raise CifarFastaiError(f'out: {run.path} holds another run ({", ".join(held)}); '
+                                   f'continue it with --resume {run.path} or overwrite it with --force')
+        try:
+            root = locate_data(data)
+            info = dict(settings=s, settings_version=SETTINGS_VERSION, data=str(root), versions=versions())
+            return _fit(s, root, run, info, ckpt=None, cbs=cbs, quiet=quiet)
+        except BaseException:
+            # Bad data (or Ctrl-C) before the first file was written leaves no empty folder behind.
+            if made and not run.held_files(): shutil.rmtree(run.path, ignore_errors=True)
+            raise
 
 
-def cpu_name():
-    try: return next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
-    except (OSError, StopIteration): return platform.processor() or platform.machine()
+def resume_run(out, data=None, cbs=(), quiet=False):
+    "Continue the run in `out` from its last complete epoch, with its own settings; every file checked first."
+    if not Path(out).expanduser().is_dir(): raise CifarFastaiError(f'resume: {out} is not a folder')
+    with RunFolder(out).lock() as run: return _resume(run, data, cbs, quiet)
 
 
-def versions():
-    "Library versions and the machine, for config.json: results are only comparable on like machines."
-    # The vector unit matters as much as the name: an 'AMD EPYC' may run bf16 natively (AVX512) or not (AVX2).
-    device = (torch.cuda.get_device_name() if use_cuda() else
-              f'CPU: {cpu_name()}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}')
-    return dict(python=platform.python_version(), torch=torch.__version__, fastai=fastai.__version__,
-                albumentations=albumentations.__version__, device=device)
+def _resume(run, data, cbs, quiet):
+    if (run / 'learner.pkl').exists(): raise CifarFastaiError(f'resume: the run in {run.path} has already finished')
+    ckpt = _read_checkpoint(run)
+    info = _reconcile_config(run, ckpt)
+    s = info['settings']
+    precision_callbacks(s['precision'])
+    rows = _history_rows(run, ckpt)
+    # The checkpoint is the authority: history.csv and config.json are rewritten from it (lost, truncated or
+    # a row ahead of it after a kill between the two writes).
+    run.checkpoint_epoch = ckpt['epoch']
+    run.write('history.csv', _history_frame(rows).to_csv(index=False))
+    run.write('config.json', json.dumps(info, indent=2))
+    ckpt['history'] = rows
+    return _fit(s, locate_data(data or info['data']), run, info, ckpt=ckpt, cbs=cbs, quiet=quiet)
 
 
-def fit_run(s, out, data=None, force=False):
-    "Train with settings `s` into a new run folder `out`."
-    out = check_out_folder(out, force)
-    return _fit(s, locate_data(data), out, ckpt=None)
+def _read_checkpoint(run):
+    path = run / 'checkpoint.pth'
+    if not path.exists(): raise CifarFastaiError(f'resume: {run.path} has no checkpoint.pth yet; start it again')
+    try: ckpt = torch.load(path, weights_only=False)
+    except Exception as e: raise CifarFastaiError(f'resume: cannot read {path} ({type(e).__name__})') from None
+    if not isinstance(ckpt, dict) or not {'epoch', 'model', 'opt', 'rng'} <= set(ckpt):
+        raise CifarFastaiError(f'resume: {path} is not a cifar-fastai checkpoint')
+    return ckpt
 
 
-def resume_run(out, data=None):
-    "Continue the run in `out` from its last complete epoch, with the settings in its config.json."
-    out = Path(out).expanduser()
+def _reconcile_config(run, ckpt):
+    "config.json, checked against the checkpoint; rebuilt from the checkpoint where lost or unreadable."
+    path = run / 'config.json'
     try:
-        cfg = json.loads((out / 'config.json').read_text())
-        s = cfg['settings']
-    except (OSError, ValueError, KeyError) as e:
-        raise CifarFastaiError(f'resume: {out} has no readable config.json ({type(e).__name__})') from None
-    ckpt_path = out / 'checkpoint.pth'
-    if not ckpt_path.exists(): raise CifarFastaiError(f'resume: {out} has no checkpoint.pth yet; start it again')
-    if (out / 'learner.pkl').exists(): raise CifarFastaiError(f'resume: the run in {out} has already finished')
-    try: ckpt = torch.load(ckpt_path, weights_only=False)
-    except Exception as e: raise CifarFastaiError(f'resume: cannot read {ckpt_path} ({type(e).__name__})') from None
-    _truncate_history(out / 'history.csv', ckpt['epoch'])
-    return _fit(s, locate_data(data or cfg['data']), out, ckpt=ckpt)
+        cfg = json.loads(path.read_text())
+        if not isinstance(cfg, dict) or not isinstance(cfg.get('settings'), dict): raise ValueError('no settings')
+    except (OSError, ValueError) as e:
+        if 'settings' not in ckpt:  # checkpoints before this one kept no settings
+            raise CifarFastaiError(f'resume: {path} is missing or unreadable ({type(e).__name__}) and '
+                                   f'checkpoint.pth is too old to rebuild it; start the run again') from None
+        cfg = dict(settings=ckpt['settings'], settings_version=ckpt['settings_version'], data=ckpt['data'],
+                   versions=ckpt['versions'])
+    version = cfg.get('settings_version', 1)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CifarFastaiError(f'resume: {path}: settings_version must be an integer, got {version!r}')
+    s = upgrade_settings(cfg['settings'], version, source=str(path))
+    if 'settings' in ckpt:
+        theirs = upgrade_settings(ckpt['settings'], ckpt['settings_version'], source=str(run / 'checkpoint.pth'))
+        differ = [f'{k} ({s[k]!r} in config.json, {theirs[k]!r} in checkpoint.pth)' for k in s if s[k] != theirs[k]]
+        if differ: raise CifarFastaiError(f'resume: {path} disagrees with its checkpoint on {"; ".join(differ)}; '
+                                          'restore config.json or start the run again')
+    if not isinstance(cfg.get('data'), str): raise CifarFastaiError(f'resume: {path} names no data folder')
+    return dict(cfg, settings=s, settings_version=SETTINGS_VERSION)
 
 
-def _truncate_history(path, n_rows):
-    # A kill between the history row and the checkpoint leaves a row the checkpoint does not know: drop it.
-    if not path.exists(): return
-    lines = path.read_text().splitlines(keepends=True)
-    path.write_text(''.join(lines[:n_rows + 1]))
+def _history_rows(run, ckpt):
+    "The finished epochs' history rows: from the checkpoint, or (older checkpoints) from history.csv if it is whole."
+    n = ckpt['epoch']
+    if 'history' in ckpt: return _typed(ckpt['history'][:n])
+    path = run / 'history.csv'
+    try:
+        h = pd.read_csv(path)
+        if list(h.columns) != HISTORY_COLUMNS or len(h) < n or h.isna().any().any(): raise ValueError('incomplete')
+    except (OSError, ValueError) as e:
+        raise CifarFastaiError(f'resume: {path} is missing or damaged ({type(e).__name__}) and checkpoint.pth is '
+                               'too old to rebuild it; start the run again') from None
+    return _typed(h.iloc[:n].values.tolist())
 
 
-def _fit(s, root, out, ckpt):
-    precision_cbs = precision_callbacks(s['precision'])  # a precision this machine lacks fails before out is touched
+def _typed(rows): return [[int(r[0]), *map(float, r[1:])] for r in rows]
+
+
+def _history_frame(rows): return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+
+
+def _fit(s, root, run, info, ckpt, cbs=(), quiet=False):
+    precision_cbs = precision_callbacks(s['precision'])
     set_seed(s['seed'], reproducible=True)
-    learn = build_learner(s, root, path=out)  # reads and checks every image: bad data fails before out is touched
+    learn = build_learner(s, root, path=run.path)  # reads and checks every image before out is written
+    if quiet: silence(learn)
     if not ckpt:
-        out.mkdir(exist_ok=True)
-        for f in RUN_FILES: (out / f).unlink(missing_ok=True)  # --force
-        (out / 'config.json').write_text(json.dumps(dict(settings=s, data=str(root), versions=versions()), indent=2))
+        run.clear()  # --force
+        run.write('config.json', json.dumps(info, indent=2))
     aug = aug_transform(learn)
-    start = ckpt['epoch'] if ckpt else 0
-    cbs = [HistoryCSV(out, start_epoch=start), Checkpoint(out / 'checkpoint.pth', aug), *precision_cbs]
+    history = HistoryCSV(run, rows=ckpt['history'] if ckpt else (), echo=not (quiet or sys.stdout.isatty()))
+    cbs = [history, Checkpoint(run, aug, run_info=info), StopOnSigterm(), *precision_cbs, *cbs]
     if ckpt: cbs.append(ResumeFromCheckpoint(ckpt, aug))
-    if start >= s['epochs']:  # killed after the last epoch, before the export
-        learn.model.load_state_dict(ckpt['model'])
-    else:
-        if s['schedule'] == 'step':
+    try:
+        if ckpt and ckpt['epoch'] >= s['epochs']:  # killed after the last epoch, before the export
+            learn.model.load_state_dict(ckpt['model'])
+        elif s['schedule'] == 'step':
             learn.fit(s['epochs'], s['lr'], cbs=cbs + [StepLRScheduler(s['step_size'], s['gamma'])])
         else:
             learn.fit_one_cycle(s['epochs'], s['lr'], cbs=cbs)
-    last = pd.read_csv(out / 'history.csv').iloc[-1]
-    export_safetensors(learn, out, s, metrics=dict(epochs=int(last.epoch) + 1, accuracy=float(last.accuracy),
-                                                   valid_loss=float(last.valid_loss)))
-    learn.export('learner.pkl')  # last: its presence marks a finished run
+    except KeyboardInterrupt:
+        where = ('no epoch had finished, start it again with --force' if run.checkpoint_epoch is None else
+                 f'its checkpoint holds {run.checkpoint_epoch} epochs: continue with cifar-fastai fit --resume {run.path}')
+        raise RunInterrupted(f'interrupted; {where}') from None
+    last = history.rows[-1]
+    export_safetensors(learn, run, s, metrics=dict(epochs=int(last[0]) + 1, accuracy=float(last[3]),
+                                                   valid_loss=float(last[2])))
+    _export_learner(learn, run)  # last: its presence marks a finished run
     return learn
+
+
+def _export_learner(learn, run):
+    "fastai's Learner.export, into a temporary file renamed into place: a failed export leaves no half pickle."
+    tmp = run / 'learner.pkl.tmp'
+    try: learn.export(tmp.name)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise RunWriteError(f'cannot write {run / "learner.pkl"} ({e}); the model is exported in model.safetensors; '
+                            f'make room and finish with cifar-fastai fit --resume {run.path}') from None
+    tmp.replace(run / 'learner.pkl')

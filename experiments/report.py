@@ -57,6 +57,25 @@ def command(settings, configs=None):
     return cmd + (f'` with, in a --config file: `{rest}' if rest else '')
 
 
+def sweeps_table(results=RESULTS):
+    "One section per committed sweep: its summary (one row per point, mean +- std over seeds) and sweep.png."
+    parts = []
+    for summary in sorted(results.glob('sweeps/*/summary.csv')):
+        folder, s = summary.parent, pd.read_csv(summary)
+        rel = folder.relative_to(ROOT)
+        settings = [c for c in s.columns if c not in ('point', 'n', 'accuracy_mean', 'accuracy_std', 'accuracy_min',
+                                                       'accuracy_max', 'minutes', 'pruned')]
+        rows = pd.DataFrame({
+            'settings': s[settings].apply(lambda r: ', '.join(f'{k} {v:g}' if isinstance(v, float) else f'{k} {v}'
+                                                              for k, v in r.items()), axis=1) if settings else 'base',
+            'seeds': s.n, 'accuracy (mean +- std)': [f'{m:.2%} +- {sd:.2%}' if n > 1 else (f'{m:.2%}' if n else '')
+                                                      for m, sd, n in zip(s.accuracy_mean, s.accuracy_std.fillna(0), s.n)],
+            'min - max': [f'{a:.2%} - {b:.2%}' if n else '' for a, b, n in zip(s.accuracy_min, s.accuracy_max, s.n)],
+            'minutes per trial': s.minutes.map(lambda v: '' if pd.isna(v) else f'{v:.0f}')})
+        parts.append(f'**[{folder.name}]({rel})** ({rel}/summary.md)\n\n{markdown(rows)}\n\n![{folder.name}]({rel}/sweep.png)')
+    return '\n\n'.join(parts) if parts else '(no sweeps committed yet)'
+
+
 def bench_table(results=RESULTS):
     b = pd.read_csv(results / 'bench' / 'bench.csv')
     fmt = lambda v: '' if pd.isna(v) else f'{v:.0f}'
@@ -80,4 +99,5 @@ def replace(text, name, body):
 if __name__ == '__main__':
     readme = ROOT / 'README.md'
     text = replace(readme.read_text(), 'results', results_table())
+    text = replace(text, 'sweeps', sweeps_table())
     readme.write_text(replace(text, 'bench', bench_table()))

@@ -40,9 +40,9 @@ def isolated_env(tmp_path, monkeypatch):
 @pytest.fixture
 def cpu_without_bf16(monkeypatch):
     "This machine seen as a CPU without bf16 kernels and with no GPU, whatever it has."
-    import cifar_fastai.train as train
-    monkeypatch.setattr(train, 'cpu_has_bf16', lambda: False)
-    monkeypatch.setattr(train, 'use_cuda', lambda: False)
+    import cifar_fastai.runtime as runtime
+    monkeypatch.setattr(runtime, 'cpu_has_bf16', lambda: False)
+    monkeypatch.setattr(runtime, 'use_cuda', lambda: False)
 
 
 @pytest.fixture

@@ -95,7 +95,7 @@ def test_fit_refuses_a_folder_holding_another_run(capsys, tmp_path, tiny_cifar):
 def test_missing_or_unwritable_out_is_reported_before_training(capsys, tmp_path, tiny_cifar):
     fails_with_one_line(capsys, ['fit', '--data', str(tiny_cifar), '--out', str(tmp_path / 'no' / 'run')],
                         'parent folder')
-    fails_with_one_line(capsys, ['fit', '--data', str(tiny_cifar), '--out', '/proc/cifar-run'], 'cannot write in /proc')
+    fails_with_one_line(capsys, ['fit', '--data', str(tiny_cifar), '--out', '/proc/cifar-run'], 'cannot create /proc/cifar-run')
 
 
 def test_resume_refuses_new_settings(capsys, tmp_path):
@@ -136,3 +136,19 @@ def test_bench_measures_fp32_only_where_bf16_is_missing_and_writes_its_table(cap
     assert (table.images_per_s > 0).all() and table.machine.str.startswith('CPU: ').all()
     compared = table.iloc[:2]  # one repeat: the median of the rounds' ratios is that round's ratio
     assert compared.ratio.tolist() == pytest.approx((compared.images_per_s / compared.plain_images_per_s).tolist())
+
+
+def test_every_output_path_is_checked_before_the_work_starts(capsys, monkeypatch, tmp_path, tiny_cifar):
+    import cifar_fastai.bench
+    def never(*a, **k): raise AssertionError('the work started before the output path was checked')
+    monkeypatch.setattr(cifar_fastai.bench, 'run_bench', never)
+    # bench --out a folder used to fail with IsADirectoryError after minutes of measuring.
+    fails_with_one_line(capsys, ['bench', '--data', str(tiny_cifar), '--out', str(tmp_path)], 'is a folder')
+    fails_with_one_line(capsys, ['bench', '--data', str(tiny_cifar), '--out', str(tmp_path / 'no' / 'b.csv')],
+                        'does not exist')
+    a_file = tmp_path / 'a_file'
+    a_file.write_text('')
+    fails_with_one_line(capsys, ['lr-find', '--data', str(tiny_cifar), '--out', str(a_file)], 'is a file')
+    fails_with_one_line(capsys, ['evaluate', str(tmp_path / 'nothing.safetensors'), '--data', str(tiny_cifar),
+                                 '--out', str(a_file)], 'is a file')
+    fails_with_one_line(capsys, ['lr-find', '--data', str(tiny_cifar), '--out', '/proc/lr'], 'cannot')

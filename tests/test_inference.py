@@ -222,3 +222,36 @@ def test_flip_tta_averages_the_probabilities_of_each_image_and_its_mirror(capsys
     with learn.added_cbs([FlipTTA()]), learn.no_bar():
         tta_probs, _ = learn.get_preds(dl=learn.dls.test_dl(test, bs=7))
     assert torch.allclose(tta_probs, probs, atol=1e-5)
+
+
+def test_evaluate_predicts_the_test_set_once_for_every_table_and_plot(capsys, monkeypatch, tmp_path, trained):
+    # fastai's ClassificationInterpretation predicted the test set again for the confusion matrix, and once more
+    # for the top losses: three passes where one is needed.
+    from fastai.learner import Learner
+    learn, run, root = trained
+    calls, get_preds = [], Learner.get_preds
+    def counted(self, *args, **kwargs):
+        calls.append(len(kwargs['dl'].items) if kwargs.get('dl') is not None else None)
+        return get_preds(self, *args, **kwargs)
+    monkeypatch.setattr(Learner, 'get_preds', counted)
+    code, out, err = run_main(capsys, 'evaluate', run / 'model.safetensors', '--data', root, '--out', tmp_path)
+    assert code == 0, err
+    assert calls == [15]
+    table = pd.read_csv(tmp_path / 'per_class.csv')
+    assert f'accuracy: {table.correct.sum() / 15:.4f}' in out
+    for png in ('confusion_matrix.png', 'top_losses.png'): assert (tmp_path / png).stat().st_size > 0
+
+
+def test_evaluate_of_the_shipped_model_writes_here_not_into_the_installed_package(capsys, monkeypatch, tmp_path):
+    from cifar_fastai.artifacts import SHIPPED_MODEL
+    classes = json.loads(Path(SHIPPED_MODEL).with_suffix('.json').read_text())['classes']
+    root = make_cifar(tmp_path / 'data' / 'cifar10', n_train=1, n_test=1, classes=classes)
+    assets = Path(SHIPPED_MODEL).parent
+    before = sorted(p.name for p in assets.iterdir())
+    here = tmp_path / 'here'
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, out, err = run_main(capsys, 'evaluate', SHIPPED_MODEL, '--data', root, '--precision', 'fp32')
+    assert code == 0, err
+    assert sorted(p.name for p in assets.iterdir()) == before
+    assert {'per_class.csv', 'confusion_matrix.png', 'top_losses.png'} <= {p.name for p in here.iterdir()}

@@ -7,7 +7,7 @@ import pandas as pd
 from cifar_fastai.config import resolve_settings
 
 sys.path.insert(0, str(Path(__file__).parents[1] / 'experiments'))
-from report import command, results_table  # noqa: E402
+from report import command, results_table, sweeps_table  # noqa: E402
 
 
 def test_results_table_comes_from_the_run_files(tmp_path):
@@ -27,3 +27,16 @@ def test_results_table_comes_from_the_run_files(tmp_path):
     # A run made from an experiment config is named by it, with only what differs from it as flags.
     (tmp_path / 'trial.toml').write_text('schedule = "one-cycle"\nlr = 0.2\ncutout_p = 0.8\nepochs = 20\n')
     assert command(s, configs=tmp_path) == 'cifar-fastai fit --config experiments/trial.toml --data PATH --epochs 3'
+
+
+def test_sweeps_table_comes_from_each_sweep_summary(tmp_path, monkeypatch):
+    folder = tmp_path / 'sweeps' / 'lr'
+    folder.mkdir(parents=True)
+    pd.DataFrame(dict(point=[1, 0], lr=[0.2, 0.1], n=[3, 1], accuracy_mean=[0.81, 0.8], accuracy_std=[0.004, None],
+                      accuracy_min=[0.805, 0.8], accuracy_max=[0.815, 0.8], minutes=[12.0, 11.0], pruned=[0, 0])
+                 ).to_csv(folder / 'summary.csv', index=False)
+    import report
+    monkeypatch.setattr(report, 'ROOT', tmp_path)
+    table = sweeps_table(tmp_path)
+    assert '| lr 0.2 | 3 | 81.00% +- 0.40% | 80.50% - 81.50% | 12 |' in table
+    assert '| lr 0.1 | 1 | 80.00% | 80.00% - 80.00% | 11 |' in table and 'sweeps/lr/sweep.png' in table

@@ -1,0 +1,418 @@
+"""Sweeps: a SPEC of settings x seeds, planned once into an Optuna study; each trial an ordinary run folder.
+
+The plan is fixed when the study is made: every point of the space ([grid] crossed with the points an Optuna
+sampler draws from [range]) once per seed, as queued trials. Workers, on this machine (--jobs) or on others
+(the same command against one PostgreSQL storage), take queued trials until none is left; Optuna's heartbeat
+marks a dead worker's trial failed and RetryFailedTrialCallback queues it again, and the retry resumes the
+dead trial's run folder from its checkpoint.
+"""
+import hashlib
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from fastai.callback.core import Callback
+
+from .config import DEFAULTS, check_settings, resolve_settings
+from .errors import CifarFastaiError
+
+__all__ = ['Spec', 'read_spec', 'plan', 'open_study', 'run_sweep', 'summarize', 'OptunaPruning']
+
+OBJECTIVES = ('accuracy',)
+SPEC_KEYS = ('config', 'seeds', 'objective', 'trials', 'grid', 'range', 'pruner')
+# A worker's heartbeat every HEARTBEAT s; a trial silent for GRACE s is taken as dead and queued again.
+HEARTBEAT, GRACE = 5, 20
+
+
+class Spec:
+    "A sweep's SPEC file, read and checked: base settings, seeds, objective, grid, ranges, points to draw, pruner."
+    def __init__(self, path, base, seeds, objective, trials, grid, ranges, pruner):
+        self.path, self.base, self.seeds, self.objective = path, base, seeds, objective
+        self.trials, self.grid, self.ranges, self.pruner = trials, grid, ranges, pruner
+
+    @property
+    def name(self): return self.path.stem
+
+    def digest(self):
+        "What makes two workers' plans the same: everything but the file's name and comments."
+        return hashlib.sha256(json.dumps([self.base, self.seeds, self.objective, self.trials, self.grid,
+                                          self.ranges, self.pruner], sort_keys=True).encode()).hexdigest()[:16]
+
+    def make_pruner(self):
+        if not self.pruner: return optuna.pruners.NopPruner()
+        args = dict(self.pruner)
+        return getattr(optuna.pruners, args.pop('name'))(**args)
+
+
+def read_spec(path):
+    "A SPEC TOML file, every key checked before anything runs; one line for the first thing wrong."
+    path = Path(path).expanduser()
+    def bad(why): raise CifarFastaiError(f'spec: {path}: {why}')
+    try: raw = tomllib.loads(path.read_text())
+    except FileNotFoundError: raise CifarFastaiError(f'spec: {path} does not exist') from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise CifarFastaiError(f'spec: cannot read {path} ({e})') from None
+    raw = {k.replace('-', '_'): v for k, v in raw.items()}
+    unknown = sorted(set(raw) - set(SPEC_KEYS) - set(DEFAULTS))
+    if unknown: bad(f'unknown key(s) {", ".join(unknown)}; a SPEC holds {", ".join(SPEC_KEYS)} and settings of '
+                    'config.DEFAULTS')
+    config = raw.get('config')
+    if config is not None and not isinstance(config, str): bad('config must be a path')
+    fixed = {k: v for k, v in raw.items() if k in DEFAULTS}
+    base = resolve_settings(fixed, (path.parent / config) if config else None)
+    seeds = raw.get('seeds', [base['seed']])
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds)):
+        bad(f'seeds must be a list of distinct integers, got {seeds!r}')
+    objective = raw.get('objective', 'accuracy')
+    if objective not in OBJECTIVES: bad(f'objective must be one of {", ".join(OBJECTIVES)}, got {objective!r}')
+    grid, ranges = raw.get('grid', {}), raw.get('range', {})
+    for table, name in ((grid, 'grid'), (ranges, 'range')):
+        if not isinstance(table, dict): bad(f'[{name}] must be a table')
+        for k in table:
+            if k.replace('-', '_') not in DEFAULTS or k == 'seed':
+                bad(f'[{name}] {k} is not a setting of config.DEFAULTS (seeds go in seeds = [...])')
+    grid = {k.replace('-', '_'): v for k, v in grid.items()}
+    ranges = {k.replace('-', '_'): v for k, v in ranges.items()}
+    if set(grid) & set(ranges): bad(f'{", ".join(sorted(set(grid) & set(ranges)))} both in [grid] and [range]')
+    if (set(grid) | set(ranges)) & set(fixed):
+        bad(f'{", ".join(sorted((set(grid) | set(ranges)) & set(fixed)))} both fixed and swept')
+    for k, values in grid.items():
+        if not isinstance(values, list) or not values: bad(f'[grid] {k} must be a non-empty list')
+        if len(set(map(repr, values))) != len(values): bad(f'[grid] {k} repeats a value')
+        for v in values: _check_value(path, base, k, v, 'grid')
+    for k, r in ranges.items():
+        if not isinstance(r, dict) or set(r) - {'low', 'high', 'log'} or not {'low', 'high'} <= set(r):
+            bad(f'[range] {k} must be {{low = ..., high = ..., log = true|false}}')
+        if not isinstance(DEFAULTS[k], (int, float)) or isinstance(DEFAULTS[k], bool) or DEFAULTS[k] is None:
+            bad(f'[range] {k} is not a numeric setting')
+        if not all(isinstance(r[e], (int, float)) and not isinstance(r[e], bool) for e in ('low', 'high')):
+            bad(f'[range] {k}: low and high must be numbers')
+        if not r['low'] < r['high']: bad(f'[range] {k}: low must be below high, got {r["low"]} and {r["high"]}')
+        if r.get('log') and r['low'] <= 0: bad(f'[range] {k}: a log range needs low > 0')
+        if not isinstance(r.get('log', False), bool): bad(f'[range] {k}: log must be true or false')
+        for e in ('low', 'high'): _check_value(path, base, k, r[e], 'range')
+    trials = raw.get('trials')
+    if ranges:
+        if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+            bad(f'trials (points drawn from [range]) must be a positive integer, got {trials!r}')
+    elif trials is not None: bad('trials counts points drawn from [range], and there is no [range]')
+    pruner = raw.get('pruner')
+    if pruner is not None:
+        if not isinstance(pruner, dict) or not isinstance(pruner.get('name'), str): bad('[pruner] needs name = "..."')
+        if not isinstance(getattr(optuna.pruners, pruner['name'], None), type):
+            bad(f'[pruner] {pruner["name"]} is not an Optuna pruner')
+    spec = Spec(path, base, seeds, objective, trials, grid, ranges, pruner)
+    try: spec.make_pruner()
+    except (TypeError, ValueError) as e: bad(f'[pruner] {e}')
+    return spec
+
+
+def _check_value(path, base, k, v, table):
+    try: check_settings({**base, k: v})
+    except CifarFastaiError as e: raise CifarFastaiError(f'spec: {path}: [{table}] {e}') from None
+
+
+def plan(spec, trials=None):
+    "Every (point, seed) of the sweep: grid points crossed with points drawn by Optuna's QMC sampler from [range]."
+    n = trials or spec.trials
+    drawn = [{}]
+    if spec.ranges:
+        # A fixed plan, so a space-filling (Sobol) sequence rather than an adaptive sampler: every point is run
+        # for every seed, and workers on several machines must agree on the points without talking.
+        sampler = optuna.samplers.QMCSampler(seed=0, warn_independent_sampling=False)
+        draft = optuna.create_study(sampler=sampler)
+        dists = {k: optuna.distributions.FloatDistribution(r['low'], r['high'], log=r.get('log', False))
+                 if isinstance(DEFAULTS[k], float) else optuna.distributions.IntDistribution(r['low'], r['high'], log=r.get('log', False))
+                 for k, r in spec.ranges.items()}
+        drawn = []
+        for _ in range(n):
+            t = draft.ask(dists)
+            drawn.append(t.params)
+            draft.tell(t, 0.0)
+    points = [{**dict(zip(spec.grid, g)), **d} for g in itertools.product(*spec.grid.values()) for d in drawn]
+    return [(i, p, seed) for i, p in enumerate(points) for seed in spec.seeds]
+
+
+def storage_url(url, out):
+    return url or f'sqlite:///{(Path(out) / "study.db").resolve()}'
+
+
+def parse_url(url):
+    "A storage URL parsed by SQLAlchemy (as Optuna will), or one line saying what one looks like."
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+    try: return make_url(url)
+    except ArgumentError: raise CifarFastaiError(f'storage: {url!r} is not a database URL '
+                                                 '(e.g. postgresql://user:password@host/db)') from None
+
+
+def make_storage(url):
+    "Optuna's RDB storage with heartbeats and retries of dead workers' trials; one line if it cannot be reached."
+    from sqlalchemy.exc import SQLAlchemyError
+    parsed = parse_url(url)
+    connect = {'timeout': 60} if parsed.get_backend_name() == 'sqlite' else {'connect_timeout': 5}
+    where = parsed.host or parsed.database
+    try:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs={'connect_args': connect}, heartbeat_interval=HEARTBEAT, grace_period=GRACE,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=3, inherit_intermediate_values=True))
+    except (SQLAlchemyError, ImportError, ValueError) as e:
+        reason = str(getattr(e, 'orig', None) or e).strip().splitlines()[0]
+        raise CifarFastaiError(f'storage: cannot reach {parsed.get_backend_name()} at {where} ({reason})') from None
+
+
+def open_study(spec, storage, name, trials=None):
+    "The study named `name`: made and planned by the first worker; joined (same plan checked) by the others."
+    digest = spec.digest() + (f'-{trials}' if trials else '')
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, direction='maximize', pruner=spec.make_pruner())
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, pruner=spec.make_pruner())
+        for _ in range(120):  # the first worker may still be queueing the plan
+            if 'plan' in study.user_attrs: break
+            time.sleep(0.5)
+        if study.user_attrs.get('plan') != digest:
+            raise CifarFastaiError(f'sweep: study {name!r} was planned from a different SPEC (or --trials); '
+                                   'name this one with --study')
+        return study
+    for i, params, seed in plan(spec, trials):
+        study.enqueue_trial({**params, 'seed': seed}, user_attrs={'point': i})
+    study.set_user_attr('plan', digest)  # last: the plan is whole once this is there
+    return study
+
+
+class OptunaPruning(Callback):
+    "Report each epoch's test accuracy to an Optuna trial; stop the run when its pruner says so."
+    # optuna-integration's FastAIPruningCallback would need another package for these eight lines.
+    order = 90  # after HistoryCSV and Checkpoint: a pruned trial's last epoch is on disk
+
+    def __init__(self, trial): self.trial = trial
+
+    def after_epoch(self):
+        self.trial.report(float(self.recorder.values[-1][2]), self.epoch)
+        if self.trial.should_prune(): raise optuna.TrialPruned(f'pruned after epoch {self.epoch + 1}')
+
+
+def trial_settings(trial, spec):
+    "The run settings of a queued trial (its fixed params, read through the suggest API so Optuna records them)."
+    s = dict(spec.base)
+    for k, values in spec.grid.items(): s[k] = trial.suggest_categorical(k, values)
+    for k, r in spec.ranges.items():
+        suggest = trial.suggest_float if isinstance(DEFAULTS[k], float) else trial.suggest_int
+        s[k] = suggest(k, r['low'], r['high'], log=r.get('log', False))
+    s['seed'] = trial.suggest_categorical('seed', spec.seeds)
+    check_settings(s)
+    return s
+
+
+def run_trial(trial, spec, out, data):
+    "Train one trial into DIR/trials/<number> (a retry: into the dead trial's folder, resumed from its checkpoint)."
+    from .train import fit_run, resume_run
+    s = trial_settings(trial, spec)
+    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(_frozen(trial))
+    number = trial.number if retried is None else retried
+    folder = Path(out) / 'trials' / str(number)
+    trial.set_user_attr('folder', str(folder))
+    trial.set_user_attr('host', os.uname().nodename)
+    cbs = [OptunaPruning(trial)]
+    if (folder / 'checkpoint.pth').exists() and not (folder / 'learner.pkl').exists():
+        resume_run(folder, data, cbs=cbs, quiet=True)
+    else:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        fit_run(s, folder, data=data, force=True, cbs=cbs, quiet=True)
+    return float(pd.read_csv(folder / 'history.csv').accuracy.iloc[-1])
+
+
+def take_queued_trial(study):
+    "The next queued trial, claimed atomically; None when the queue is empty."
+    # Optuna's ask() samples a new trial when the queue is empty; a sweep's plan is fixed, so workers take only
+    # queued ones, with the same atomic claim ask() uses, and keep them alive with Optuna's heartbeat thread.
+    trial_id = study._pop_waiting_trial_id()
+    return None if trial_id is None else optuna.trial.Trial(study, trial_id)
+
+
+def worker(spec_path, out, storage_url_, name, data, threads, trials=None):
+    "Take queued trials until none is left and none is running (a running one may die and be queued again)."
+    import torch
+    from optuna.storages._heartbeat import get_heartbeat_thread
+    torch.set_num_threads(threads)
+    quiet_optuna()
+    spec = read_spec(spec_path)
+    storage = make_storage(storage_url_)
+    study = optuna.load_study(study_name=name, storage=storage, pruner=spec.make_pruner())
+    running = (optuna.trial.TrialState.RUNNING,)
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        trial = take_queued_trial(study)
+        if trial is None:
+            if not study.get_trials(deepcopy=False, states=running): return
+            time.sleep(HEARTBEAT)
+            continue
+        t0 = time.time()
+        with get_heartbeat_thread(trial._trial_id, storage):
+            # A CifarFastaiError (full disk, Ctrl-C/SIGTERM, ...) stops this worker with its one line; the trial,
+            # left running without a heartbeat, is queued again when the command runs again, and resumes.
+            try:
+                value = run_trial(trial, spec, out, data)
+                state = optuna.trial.TrialState.COMPLETE
+            except optuna.TrialPruned: value, state = None, optuna.trial.TrialState.PRUNED
+            trial.set_user_attr('minutes', (time.time() - t0) / 60)
+        study.tell(trial, value, state=state)
+        print(progress_line(study, trial.number, state, value, t0), flush=True)
+
+
+def _frozen(trial):
+    "The stored record of a live trial (its system attrs and params), through the study's public API."
+    return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+
+
+def progress_line(study, number, state, value, t0):
+    t = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    settings = ' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in t.params.items())
+    result = f'accuracy {value:.4f}' if value is not None else state.name.lower()
+    points = point_table(study)
+    best = '' if points.empty else (f'  | best so far: {points.iloc[0].setting} '
+                                    f'{points.iloc[0].accuracy_mean:.4f} (n={points.iloc[0].n})')
+    return f'trial {number}  {settings}  {result}  {(time.time() - t0) / 60:.1f} min{best}'
+
+
+def point_table(study):
+    "One row per point of the space: its settings, seeds finished, accuracy mean/std/min/max, minutes; best first."
+    rows = [dict(point=t.user_attrs.get('point'), **{k: v for k, v in t.params.items() if k != 'seed'},
+                 seed=t.params.get('seed'), state=t.state.name.lower(), accuracy=t.value,
+                 minutes=t.user_attrs.get('minutes'))
+            for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.params]
+    if not rows: return pd.DataFrame(columns=['setting'])
+    df = pd.DataFrame(rows)
+    names = [c for c in df.columns if c not in ('point', 'seed', 'state', 'accuracy', 'minutes')]
+    done = df[df.state == 'complete']
+    table = df.groupby('point').agg(**{k: (k, 'first') for k in names or ['seed']})[names].join(
+        done.groupby('point').agg(n=('accuracy', 'size'), accuracy_mean=('accuracy', 'mean'),
+                                  accuracy_std=('accuracy', 'std'), accuracy_min=('accuracy', 'min'),
+                                  accuracy_max=('accuracy', 'max'), minutes=('minutes', 'mean')))
+    table['pruned'] = df[df.state == 'pruned'].groupby('point').size().reindex(table.index).fillna(0).astype(int)
+    table['n'] = table.n.fillna(0).astype(int)
+    table['setting'] = [' '.join(f'{k}={_fmt(r[k])}' for k in names) or 'base' for _, r in table.iterrows()]
+    return table.sort_values('accuracy_mean', ascending=False, na_position='last').reset_index()
+
+
+def _fmt(v): return f'{v:.4g}' if isinstance(v, float) else str(v)
+
+
+def summarize(study, out):
+    "summary.csv, summary.md, sweep.png (each point's accuracy over its seeds) and Optuna's own plots, in `out`."
+    from .plots import png_bytes, sweep_png
+    from .rundir import atomic_write
+    out = Path(out)
+    table = point_table(study)
+    cols = [c for c in table.columns if c != 'setting']
+    atomic_write(out / 'summary.csv', table[cols].to_csv(index=False).encode())
+    md = ['| ' + ' | '.join(cols) + ' |', '|' + ' --- |' * len(cols)]
+    md += ['| ' + ' | '.join(_fmt(v) if not (isinstance(v, float) and math.isnan(v)) else '' for v in r) + ' |'
+           for r in table[cols].itertuples(index=False)]
+    atomic_write(out / 'summary.md', (f'# Sweep {study.study_name}\n\n' + '\n'.join(md) + '\n').encode())
+    seeds = {t.user_attrs.get('point'): [] for t in study.get_trials(deepcopy=False)}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        seeds[t.user_attrs.get('point')].append(t.value)
+    if len(table) and table.n.sum(): atomic_write(out / 'sweep.png', sweep_png(table, seeds))
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+    quiet_optuna()
+    for name, plot in (('optimization_history', ovm.plot_optimization_history),
+                       ('param_importances', ovm.plot_param_importances)):
+        try:
+            ax = plot(study)
+            atomic_write(out / f'{name}.png', png_bytes(ax.figure))
+        except (ValueError, RuntimeError, ZeroDivisionError):  # too few finished trials or parameters for it
+            plt.close('all')
+    return table
+
+
+def sweep_record(out, name, url):
+    "DIR/sweep.json ties a sweep folder to its study: another study in the same --out is refused."
+    path = Path(out) / 'sweep.json'
+    shown = parse_url(url).render_as_string(hide_password=True)
+    mine = dict(study=name, storage=shown)
+    if path.exists():
+        try: theirs = json.loads(path.read_text())
+        except ValueError: theirs = None
+        if theirs != mine:
+            raise CifarFastaiError(f'out: {out} holds another sweep ({theirs}); use another --out')
+    return mine
+
+
+def quiet_optuna():
+    "Optuna's per-trial log lines and its experimental-API warnings (heartbeats, retries, plots) say nothing here."
+    import warnings
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings('ignore', category=optuna.exceptions.ExperimentalWarning)
+
+
+def run_sweep(spec_path, out, data=None, jobs=1, storage=None, trials=None, study_name=None):
+    "Plan (or join) the study and run its trials with `jobs` worker processes here; then write the summary."
+    from .rundir import atomic_write, writable_folder
+    quiet_optuna()
+    spec = read_spec(spec_path)
+    if jobs < 1: raise CifarFastaiError(f'jobs must be positive, got {jobs}')
+    if trials is not None and (trials < 1 or not spec.ranges):
+        raise CifarFastaiError('--trials counts points drawn from [range]: positive, and the SPEC needs a [range]')
+    out = writable_folder(out)
+    name = study_name or spec.name
+    url = storage_url(storage, out)
+    record = sweep_record(out, name, url)
+    from .data import locate_data
+    root = str(locate_data(data))  # unpacked once here, not by every worker
+    st = make_storage(url)
+    atomic_write(out / 'sweep.json', json.dumps(record, indent=2).encode())
+    open_study(spec, st, name, trials)
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // jobs)  # never more threads than cores
+    args = (str(spec.path), str(out), url, name, root, threads, trials)
+    if jobs == 1: worker(*args)
+    else:
+        ctx = multiprocessing.get_context('spawn')  # a fresh interpreter each: no forked torch thread pools
+        procs = [ctx.Process(target=_child, args=args) for _ in range(jobs)]
+        for p in procs: p.start()
+        for p in procs: p.join()
+    study = optuna.load_study(study_name=name, storage=st)
+    table = summarize(study, out)
+    print(f'summary: {out / "summary.md"}')
+    if jobs > 1 and any(p.exitcode for p in procs):
+        raise CifarFastaiError(f'sweep: {sum(bool(p.exitcode) for p in procs)} of {jobs} workers stopped early (see '
+                               'above); run the same command again to continue the study')
+    return table
+
+
+def _child(*args):
+    # A worker dies with the sweep command that started it (SIGKILL included): its trial is then queued again.
+    import ctypes
+    import signal
+    libc = ctypes.CDLL(None)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    try: worker(*args)
+    except CifarFastaiError as e:
+        print(f'cifar-fastai: error: {e}', file=sys.stderr)
+        sys.exit(1)
+
+
+def report(out, storage=None):
+    "The summary of the sweep in `out` again, from its study (all workers' trials), without running anything."
+    from .rundir import writable_folder
+    out = writable_folder(out, create=False)
+    try: record = json.loads((out / 'sweep.json').read_text())
+    except (OSError, ValueError): raise CifarFastaiError(f'sweep: {out} holds no sweep.json') from None
+    if storage is None and not record['storage'].startswith('sqlite'):
+        raise CifarFastaiError(f'sweep: the study of {out} is on a server ({record["storage"]}): give --storage URL')
+    try: study = optuna.load_study(study_name=record['study'], storage=make_storage(storage_url(storage, out)))
+    except KeyError: raise CifarFastaiError(f'sweep: no study {record["study"]!r} in that storage') from None
+    return summarize(study, out)

@@ -1,0 +1,187 @@
+"Sweeps over one Optuna study: every (point, seed) once, with several processes or machines, through kills."
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import pandas as pd
+import pytest
+
+from cifar_fastai import sweep
+from cifar_fastai.cli import main
+from conftest import make_cifar, run_cli
+
+TINY = 'epochs = 2\nbs = 4\nworkers = 0\n'
+GRID = TINY + 'seeds = [0, 1]\n[grid]\nlr = [0.05, 0.1]\nlabel_smoothing = [0.0, 0.1]\n'
+# Set by .ci/run, which starts a PostgreSQL server on loopback; the tests that need one skip without it.
+POSTGRES = os.environ.get('CIFAR_FASTAI_TEST_POSTGRES')
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_cifar(tmp_path / 'data' / 'cifar10', n_train=6, n_test=3)
+
+
+def spec_file(tmp_path, text, name='grid'):
+    path = tmp_path / f'{name}.toml'
+    path.write_text('# what this sweep answers\n' + text)
+    return path
+
+
+def study_of(out, name='grid', storage=None):
+    return optuna.load_study(study_name=name, storage=storage or f'sqlite:///{out / "study.db"}')
+
+
+def assert_every_point_and_seed_ran_once(study, n):
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(study.get_trials()) == len(done) == n
+    assert len({(t.user_attrs['point'], t.params['seed']) for t in done}) == n
+
+
+def test_grid_of_two_by_two_over_two_seeds_with_two_jobs_runs_eight_trials_once(tmp_path, data):
+    out = tmp_path / 'sweep'
+    res = run_cli('sweep', spec_file(tmp_path, GRID), '--out', out, '--data', data, '--jobs', 2)
+    study = study_of(out)
+    assert_every_point_and_seed_ran_once(study, 8)
+    assert sorted(int(p.name) for p in (out / 'trials').iterdir()) == list(range(8))
+    for t in study.trials:  # every trial is an ordinary run folder, finished
+        folder = out / 'trials' / str(t.number)
+        assert {'config.json', 'history.csv', 'curves.png', 'model.safetensors', 'learner.pkl'} <= {
+            p.name for p in folder.iterdir()}
+        assert pd.read_csv(folder / 'history.csv').accuracy.iloc[-1] == pytest.approx(t.value)
+    assert len([l for l in res.stdout.splitlines() if l.startswith('trial ')]) == 8
+    # The summary: one row per point, mean and std over seeds as pandas computes them on the history files.
+    summary = pd.read_csv(out / 'summary.csv')
+    assert len(summary) == 4 and (summary.n == 2).all()
+    finals = pd.DataFrame([dict(lr=t.params['lr'], label_smoothing=t.params['label_smoothing'],
+                                accuracy=pd.read_csv(out / 'trials' / str(t.number) / 'history.csv').accuracy.iloc[-1])
+                           for t in study.trials])
+    expected = finals.groupby(['lr', 'label_smoothing']).accuracy.agg(['mean', 'std']).reset_index()
+    merged = summary.merge(expected, on=['lr', 'label_smoothing'])
+    assert merged.accuracy_mean.tolist() == pytest.approx(merged['mean'].tolist())
+    assert merged.accuracy_std.tolist() == pytest.approx(merged['std'].tolist())
+    assert summary.accuracy_mean.is_monotonic_decreasing
+    for png in ('sweep.png', 'optimization_history.png'): assert (out / png).stat().st_size > 0
+    assert '| lr | label_smoothing | n | accuracy_mean |' in (out / 'summary.md').read_text()
+
+
+def test_ranges_are_drawn_by_optuna_and_crossed_with_the_grid(tmp_path, data):
+    spec = spec_file(tmp_path, 'epochs = 1\nbs = 4\nworkers = 0\nseeds = [3]\ntrials = 2\n'
+                               '[grid]\nlabel_smoothing = [0.0, 0.1]\n[range]\nwd = {low = 1e-4, high = 1e-3, log = true}\n')
+    out = tmp_path / 'sweep'
+    run_cli('sweep', spec, '--out', out, '--data', data)
+    trials = study_of(out).trials
+    assert len(trials) == 4
+    wds = {t.params['wd'] for t in trials}
+    assert len(wds) == 2 and all(1e-4 <= w <= 1e-3 for w in wds)
+    assert {(t.params['label_smoothing'], t.params['wd']) for t in trials} == {
+        (ls, w) for ls in (0.0, 0.1) for w in wds}
+
+
+def test_a_killed_sweep_run_again_resumes_the_dead_trial_from_its_checkpoint(tmp_path, data, monkeypatch):
+    spec = spec_file(tmp_path, 'epochs = 8\nbs = 4\nworkers = 0\nseeds = [0]\n[grid]\nlr = [0.1]\n', name='kill')
+    out = tmp_path / 'sweep'
+    run_cli('sweep', spec, '--out', tmp_path / 'whole', '--data', data)  # the same trial, never interrupted
+    args = [sys.executable, '-m', 'cifar_fastai', 'sweep', str(spec), '--out', str(out), '--data', str(data)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history = out / 'trials' / '0' / 'history.csv'
+    while not (history.exists() and len(history.read_text().splitlines()) > 3): time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = pd.read_csv(history)
+    t0 = time.time()
+    res = run_cli('sweep', spec, '--out', out, '--data', data)
+    assert time.time() - t0 < sweep.GRACE + 60
+    study = study_of(out, 'kill')
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]  # the retry of trial 0
+    after = pd.read_csv(history)
+    whole = pd.read_csv(tmp_path / 'whole' / 'trials' / '0' / 'history.csv')
+    assert after.drop(columns='seconds').equals(whole.drop(columns='seconds'))
+    # Resumed, not restarted: the epochs finished before the kill kept their rows, timings included.
+    done = len(before)
+    assert after.seconds.iloc[:done - 1].tolist() == before.seconds.iloc[:done - 1].tolist()
+    assert 'trial 1' in res.stdout and (out / 'summary.csv').exists()
+
+
+def test_a_pruned_trial_is_marked_as_such_in_the_summary(tmp_path, data):
+    spec = spec_file(tmp_path, TINY + 'seeds = [0]\n[grid]\nlr = [0.05]\n'
+                                      '[pruner]\nname = "ThresholdPruner"\nlower = 1.01\n', name='prune')
+    out = tmp_path / 'sweep'
+    run_cli('sweep', spec, '--out', out, '--data', data)
+    trial, = study_of(out, 'prune').trials
+    assert trial.state == optuna.trial.TrialState.PRUNED and list(trial.intermediate_values) == [0]
+    row = pd.read_csv(out / 'summary.csv').iloc[0]
+    assert row.pruned == 1 and row.n == 0
+
+
+def test_report_rewrites_the_summary_from_the_study(tmp_path, data):
+    out = tmp_path / 'sweep'
+    run_cli('sweep', spec_file(tmp_path, TINY + 'seeds = [0]\n'), '--out', out, '--data', data)
+    (out / 'summary.csv').unlink()
+    run_cli('sweep', out, '--report')
+    assert len(pd.read_csv(out / 'summary.csv')) == 1
+
+
+def one_line_error(capsys, args, match):
+    with pytest.raises(SystemExit) as e: main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code != 0 and len(err.splitlines()) == 1 and 'Traceback' not in err, err
+    assert match in err, err
+
+
+@pytest.mark.parametrize('text, match', [
+    ('epochs = [', 'cannot read'),
+    ('learnrate = 0.1\n', 'unknown key(s) learnrate'),
+    ('[grid]\nlearnrate = [0.1]\n', '[grid] learnrate is not a setting'),
+    ('[grid]\nlr = []\n', '[grid] lr must be a non-empty list'),
+    ('[grid]\nlr = [-1.0]\n', 'lr must be positive'),
+    ('trials = 2\n[range]\nwd = {low = 1e-3, high = 1e-4}\n', 'low must be below high'),
+    ('[range]\nwd = {low = 1e-4, high = 1e-3}\n', 'trials (points drawn from [range]) must be a positive integer'),
+    ('seeds = []\n', 'seeds must be a list of distinct integers'),
+    ('objective = "loss"\n', 'objective must be one of'),
+    ('[pruner]\nname = "NoSuchPruner"\n', 'is not an Optuna pruner'),
+    ('[pruner]\nname = "MedianPruner"\nfoo = 1\n', "[pruner]"),
+])
+def test_a_bad_spec_fails_in_one_line_before_anything_runs(capsys, tmp_path, data, text, match):
+    out = tmp_path / 'sweep'
+    one_line_error(capsys, ['sweep', spec_file(tmp_path, text), '--out', out, '--data', data], match)
+    assert not out.exists()
+
+
+def test_bad_arguments_fail_in_one_line(capsys, tmp_path, data):
+    spec = spec_file(tmp_path, TINY)
+    one_line_error(capsys, ['sweep', tmp_path / 'none.toml', '--out', tmp_path / 'o'], 'does not exist')
+    one_line_error(capsys, ['sweep', spec, '--out', tmp_path / 'o', '--jobs', 0], 'jobs must be positive')
+    one_line_error(capsys, ['sweep', spec, '--out', tmp_path / 'o', '--data', data, '--storage', 'not a url'],
+                   'is not a database URL')
+    t0 = time.time()
+    one_line_error(capsys, ['sweep', spec, '--out', tmp_path / 'o', '--data', data, '--storage',
+                            'postgresql://user:pw@127.0.0.1:9/none'], 'cannot reach postgresql at 127.0.0.1')
+    assert time.time() - t0 < 15
+    out = tmp_path / 'taken'
+    run_cli('sweep', spec, '--out', out, '--data', data, '--study', 'first')
+    trials = sorted((out / 'trials').iterdir())
+    one_line_error(capsys, ['sweep', spec, '--out', out, '--data', data, '--study', 'second'], 'holds another sweep')
+    assert sorted((out / 'trials').iterdir()) == trials and len(study_of(out, 'first').trials) == 1
+
+
+@pytest.mark.skipif(not POSTGRES, reason='no PostgreSQL server: set CIFAR_FASTAI_TEST_POSTGRES (.ci/run starts one)')
+def test_two_workers_on_one_postgresql_study_share_the_work_and_run_each_trial_once(tmp_path, data):
+    name = f'grid-{uuid.uuid4().hex[:8]}'  # a fresh study in a shared server
+    spec = spec_file(tmp_path, GRID)
+    cmds = [[sys.executable, '-m', 'cifar_fastai', 'sweep', str(spec), '--out', str(tmp_path / f'machine{i}'),
+             '--data', str(data), '--storage', POSTGRES, '--study', name] for i in (1, 2)]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, 'OMP_NUM_THREADS': '1'}) for c in cmds]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    study = optuna.load_study(study_name=name, storage=POSTGRES)
+    assert_every_point_and_seed_ran_once(study, 8)
+    ran = [sorted(int(f.name) for f in (tmp_path / f'machine{i}' / 'trials').iterdir()) for i in (1, 2)]
+    assert sorted(ran[0] + ran[1]) == list(range(8)) and ran[0] and ran[1]  # both worked, none twice
+    for i in (1, 2):  # each machine's summary covers the whole study
+        assert pd.read_csv(tmp_path / f'machine{i}' / 'summary.csv').n.sum() == 8
