@@ -3,6 +3,7 @@ import random
 import warnings
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 from fastai.vision.all import ItemTransform, TensorImage
@@ -14,15 +15,19 @@ CIFAR_MEAN_PIXEL = (125, 123, 114)
 
 
 def seed_augmentations(s):
-    "ShiftScaleRotate, HorizontalFlip, ColorJitter and Cutout (CoarseDropout in albumentations 2.x), from settings `s`."
+    "(Pad-and-crop,) ShiftScaleRotate, HorizontalFlip, ColorJitter and Cutout (CoarseDropout in albumentations 2.x), from `s`."
     with warnings.catch_warnings():
         # albumentations 2 prefers Affine; the seed names ShiftScaleRotate, so we keep it and its exact parameters.
         warnings.filterwarnings('ignore', message='ShiftScaleRotate is a special case of Affine')
         ssr = A.ShiftScaleRotate(shift_limit=s['shift_limit'], scale_limit=s['scale_limit'],
                                  rotate_limit=s['rotate_limit'], border_mode=0, fill=CIFAR_MEAN_PIXEL,
                                  p=s['shift_scale_rotate_p'])
-    cut = s['cutout_size']
+    cut, pad = s['cutout_size'], s['pad_crop']
+    # Pad-and-crop (the usual CIFAR shift), reflect-padded so the crop never shows a border; off in the seed.
+    pad_crop = [A.PadIfNeeded(32 + 2 * pad, 32 + 2 * pad, border_mode=cv2.BORDER_REFLECT_101),
+                A.RandomCrop(32, 32)] if pad else []
     return A.Compose([
+        *pad_crop,
         ssr,
         A.HorizontalFlip(p=s['flip_p']),
         A.ColorJitter(brightness=s['brightness'], contrast=s['contrast'], saturation=s['saturation'],

@@ -9,11 +9,12 @@ import torch
 from fastai.callback.core import Callback, TrainEvalCallback
 from fastai.learner import Recorder
 from fastai.torch_core import get_random_states, set_random_states, to_float
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .plots import curves_png
 
 __all__ = ['StepLRScheduler', 'CPUAutocast', 'FlipTTA', 'ReturnFreedMemory', 'HistoryCSV', 'Checkpoint',
-           'ResumeFromCheckpoint', 'StopOnSigterm', 'HISTORY_COLUMNS']
+           'ResumeFromCheckpoint', 'StopOnSigterm', 'WeightAveraging', 'HISTORY_COLUMNS']
 
 HISTORY_COLUMNS = ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'lr', 'seconds']
 
@@ -64,6 +65,35 @@ class ReturnFreedMemory(Callback):
         if self._malloc_trim: self._malloc_trim(0)
 
 
+class WeightAveraging(Callback):
+    "An exponential moving average of the weights (torch's AveragedModel): validated every epoch, kept at the end."
+    # use_buffers=True averages batch-norm's running statistics with the weights, so the average needs no extra
+    # pass over the data (swa_utils.update_bn) before it is validated or exported.
+    order = 65  # before ResumeFromCheckpoint (70), which restores the average
+
+    def __init__(self, decay): self.decay = decay
+
+    def before_fit(self):
+        self.average = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
+
+    def after_step(self): self.average.update_parameters(self.model)
+
+    def before_validate(self):
+        self.trained = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.average.module.state_dict())
+
+    def after_validate(self): self.model.load_state_dict(self.trained)  # training goes on from its own weights
+    def after_fit(self): self.model.load_state_dict(self.average.module.state_dict())  # exported and shipped
+
+    def checkpoint_state(self): return self.average.state_dict()
+    def load_checkpoint_state(self, state): self.average.load_state_dict(state)
+
+    @staticmethod
+    def averaged_weights(state):
+        "The averaged network's weights in a saved checkpoint_state."
+        return {k.removeprefix('module.'): v for k, v in state.items() if k.startswith('module.')}
+
+
 class StopOnSigterm(Callback):
     "SIGTERM (kill, schedulers) during training stops it at the end of the batch under way, as Ctrl-C does."
     # A handler that raises at once can fire inside a weakref callback or __del__, where Python prints the
@@ -102,6 +132,9 @@ class ResumeFromCheckpoint(Callback):
         set_rng_state(self.learn, self.ckpt['rng'])
         self.aug_tfm.set_state(self.ckpt['aug'])
         self.recorder.smooth_loss.count, self.recorder.smooth_loss.val = self.ckpt['smooth_loss']
+        for cb in self.learn.cbs:
+            if type(cb).__name__ in self.ckpt.get('callbacks', {}):
+                cb.load_checkpoint_state(self.ckpt['callbacks'][type(cb).__name__])
 
     def after_fit(self): self.learn.first_epoch = 0
 
@@ -147,7 +180,12 @@ class Checkpoint(Callback):
             epoch=self.epoch + 1, model=self.model.state_dict(), opt=self.opt.state_dict(),
             smooth_loss=(self.recorder.smooth_loss.count, self.recorder.smooth_loss.val), rng=rng_state(self.learn),
             aug=self.aug_tfm.get_state(), scaler=scaler.state_dict() if scaler else None,
-            history=self.history_csv.rows, **self.run_info))
+            history=self.history_csv.rows, callbacks=callback_states(self.learn), **self.run_info))
+
+
+def callback_states(learn):
+    "What the learner's callbacks keep across a restart (fastai: state belongs to the callback that owns it)."
+    return {type(cb).__name__: cb.checkpoint_state() for cb in learn.cbs if hasattr(cb, 'checkpoint_state')}
 
 
 def rng_state(learn):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastcore.meta import delegates
-from fastcore.script import anno_parser
+from fastcore.script import anno_parser, bool_arg
 
 from .config import DEFAULTS, PRECISIONS, SCHEDULES, resolve_settings
 from .errors import CifarFastaiError
@@ -46,7 +46,12 @@ def _settings(
         seed: Annotated[int, 'Random seed: runs with the same seed repeat ' + _d('seed')] = None,
         workers: Annotated[int, 'DataLoader worker processes (default: 0 on 2 cores, else half the cores, <= 4)'] = None,
         train_size: Annotated[int, 'Train on a random class-balanced subset of this many images'] = None,
-        valid_size: Annotated[int, 'Validate on a random class-balanced subset of this many images'] = None):
+        valid_size: Annotated[int, 'Validate on a random class-balanced subset of this many images'] = None,
+        nesterov: Annotated[bool_arg, 'Nesterov momentum: true or false ' + _d('nesterov')] = None,
+        ema: Annotated[float, 'Decay of an EMA of the weights, which is validated, exported and shipped; 0: none '
+                              + _d('ema')] = None,
+        pad_crop: Annotated[int, 'Reflect-pad by this many pixels, then crop 32x32 at random; 0: none '
+                                 + _d('pad_crop')] = None):
     "The settings every training-like command shares (see config.DEFAULTS)."
 
 
@@ -212,7 +217,10 @@ def sweep(spec: Annotated[str, 'SPEC.toml (see experiments/sweeps/); with --repo
         print(f'summary: {Path(spec) / "summary.md"}')
         return
     if out is None: raise CifarFastaiError('sweep: give --out DIR (the sweep folder)')
-    sw.run_sweep(spec, out, data=data, jobs=jobs, storage=storage, trials=trials, study_name=study)
+    try: sw.run_sweep(spec, out, data=data, jobs=jobs, storage=storage, trials=trials, study_name=study)
+    except KeyboardInterrupt:
+        from .train import RunInterrupted
+        raise RunInterrupted('interrupted; run the same sweep command again to continue') from None
 
 
 COMMANDS = {'summary': summary, 'fit': fit, 'lr-find': lr_find, 'evaluate': evaluate, 'predict': predict,

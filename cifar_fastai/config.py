@@ -14,27 +14,32 @@ DEFAULTS = dict(
     # The seed's recipe: SGD with momentum, StepLR(step_size=15, gamma=0.1), 50 epochs.
     epochs=50, bs=128, lr=0.05, momentum=0.9, wd=5e-4, schedule='step', step_size=15, gamma=0.1,
     dropout=0.05, label_smoothing=0.0, precision='fp32',
-    seed=42, workers=None,                # None: pick for this machine (see train.default_workers)
+    seed=42, workers=None,                # None: pick for this machine (see runtime.default_workers)
     train_size=None, valid_size=None,     # class-balanced random subsets, for quick trials
     # Augmentation (albumentations), training split only; each *_p is the probability of applying it.
     shift_limit=0.1, scale_limit=0.1, rotate_limit=15, shift_scale_rotate_p=0.5,
     flip_p=0.5,
     brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1, color_jitter_p=0.5,
     cutout_size=16, cutout_p=0.5,         # one square hole of cutout_size pixels, filled with the mean pixel
+    # Levers beyond the seed (all off by default, as the seed trains):
+    nesterov=False,                       # Nesterov momentum
+    ema=0.0,                              # decay of an exponential moving average of the weights (0: none); the
+                                          # average is what is validated each epoch, exported and shipped
+    pad_crop=0,                           # reflect-pad by this many pixels and crop 32x32 at random (0: none)
 )
 
 # The settings' version, recorded in every run's config.json and checkpoint. A setting added later goes into
 # ADDED_SETTINGS under the version that introduced it, with the value that reproduces what runs did before it
 # existed: an older run then resumes exactly as it started (its config lacks the setting).
-SETTINGS_VERSION = 1
-ADDED_SETTINGS = {}  # version -> {setting: value older runs behaved as}
+SETTINGS_VERSION = 2
+ADDED_SETTINGS = {2: dict(nesterov=False, ema=0.0, pad_crop=0)}  # version -> {setting: value older runs behaved as}
 
 _POSITIVE = ('epochs', 'bs', 'lr', 'step_size', 'cutout_size')
 _NON_NEGATIVE = ('wd', 'momentum', 'dropout', 'label_smoothing', 'shift_limit', 'scale_limit', 'rotate_limit',
-                 'brightness', 'contrast', 'saturation', 'hue')
+                 'brightness', 'contrast', 'saturation', 'hue', 'ema', 'pad_crop')
 _PROBABILITIES = ('dropout', 'label_smoothing', 'shift_scale_rotate_p', 'flip_p', 'color_jitter_p', 'cutout_p',
                   'gamma')
-_INTS = ('epochs', 'bs', 'step_size', 'seed', 'workers', 'train_size', 'valid_size', 'cutout_size')
+_INTS = ('epochs', 'bs', 'step_size', 'seed', 'workers', 'train_size', 'valid_size', 'cutout_size', 'pad_crop')
 
 
 def read_config(path):
@@ -88,6 +93,9 @@ def check_settings(s, source=''):
     for k in _PROBABILITIES:
         if not 0 <= s[k] <= 1: bad(k, 'between 0 and 1')
     if s['dropout'] >= 1: bad('dropout', 'below 1 (dropout 1 drops every activation)')
+    if s['ema'] >= 1: bad('ema', 'below 1 (a decay of 1 never moves the average)')
+    if not isinstance(s['nesterov'], bool): bad('nesterov', 'true or false')
+    if s['pad_crop'] > 16: bad('pad_crop', 'at most 16 pixels')
     for k in ('workers', 'train_size', 'valid_size'):
         if s[k] is not None and s[k] < (0 if k == 'workers' else 1): bad(k, 'positive' if k != 'workers' else '0 or more')
     if s['schedule'] not in SCHEDULES: bad('schedule', f'one of {", ".join(SCHEDULES)}')

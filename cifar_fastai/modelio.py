@@ -16,9 +16,8 @@ from torch import nn
 from .config import PRECISIONS
 from .errors import CifarFastaiError
 from .model import DilatedNet
-from .rundir import atomic_write
 
-__all__ = ['MAX_CLASSES', 'MAX_CLASS_NAME', 'MAX_VALUE', 'model_files', 'write_model', 'read_model_json', 'check_model_json',
+__all__ = ['MAX_CLASSES', 'MAX_CLASS_NAME', 'MAX_VALUE', 'model_files', 'read_model_json', 'check_model_json',
            'read_weights', 'check_weights', 'worst_case_magnitude', 'read_model', 'trained_precision']
 
 MAX_CLASSES = 1000          # arch_settings.n_out: the fc layer (44 x n_out floats) stays small whatever a file says
@@ -43,12 +42,6 @@ def model_files(model, classes, stats, settings, metrics):
                 classes=list(classes), normalize=dict(mean=list(mean), std=list(std)),
                 config=settings, metrics=metrics)
     return {'model.safetensors': weights, 'model.json': json.dumps(meta, indent=2).encode()}
-
-
-def write_model(folder, model, classes, stats, settings, metrics):
-    "`model_files` written into `folder`, each whole or not at all."
-    for name, data in model_files(model, classes, stats, settings, metrics).items():
-        atomic_write(Path(folder) / name, data)
 
 
 # -- model.json ---------------------------------------------------------------------------------------------------

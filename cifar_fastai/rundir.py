@@ -11,12 +11,16 @@ import torch
 
 from .errors import CifarFastaiError
 
-__all__ = ['RUN_FILES', 'RunFolder', 'RunWriteError', 'atomic_write', 'writable_folder', 'writable_file',
+__all__ = ['RUN_FILES', 'RunFolder', 'RunFolderBusy', 'RunWriteError', 'atomic_write', 'writable_folder', 'writable_file',
            'torch_bytes']
 
 RUN_FILES = ('config.json', 'history.csv', 'curves.png', 'checkpoint.pth', 'model.safetensors', 'model.json',
              'learner.pkl')
 LOCK_FILE = '.lock'
+
+
+class RunFolderBusy(CifarFastaiError):
+    "Another process holds the run folder."
 
 
 class RunWriteError(CifarFastaiError):
@@ -88,14 +92,16 @@ class RunFolder:
 
     def lock(self):
         "Take the folder for this process, or fail at once naming it: two writers would interleave their epochs."
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try: fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e: raise CifarFastaiError(f'out: cannot lock {self.path} ({e.strerror})') from None
         try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             holder = os.read(fd, 32).decode(errors='replace').strip()
             os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN): raise
-            raise CifarFastaiError(f'out: {self.path} is in use by another process'
-                                   f'{f" (pid {holder})" if holder else ""}; wait for it or choose another folder')
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # e.g. a filesystem without locks
+                raise CifarFastaiError(f'out: cannot lock {self.path} ({e.strerror})') from None
+            raise RunFolderBusy(f'out: {self.path} is in use by another process'
+                                f'{f" (pid {holder})" if holder else ""}; wait for it or choose another folder')
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd

@@ -3,8 +3,8 @@
 The plan is fixed when the study is made: every point of the space ([grid] crossed with the points an Optuna
 sampler draws from [range]) once per seed, as queued trials. Workers, on this machine (--jobs) or on others
 (the same command against one PostgreSQL storage), take queued trials until none is left; Optuna's heartbeat
-marks a dead worker's trial failed and RetryFailedTrialCallback queues it again, and the retry resumes the
-dead trial's run folder from its checkpoint.
+marks a dead worker's trial failed and RetryHeartbeatStaleTrialCallback queues it again, and the retry resumes
+the dead trial's run folder from its checkpoint where that folder is (a worker with the same --out).
 """
 import hashlib
 import itertools
@@ -181,7 +181,10 @@ def open_study(spec, storage, name, trials=None):
         for _ in range(120):  # the first worker may still be queueing the plan
             if 'plan' in study.user_attrs: break
             time.sleep(0.5)
-        if study.user_attrs.get('plan') != digest:
+        if 'plan' not in study.user_attrs:
+            raise CifarFastaiError(f'sweep: study {name!r} was never fully planned (its first worker stopped while '
+                                   'queueing the trials); start it under another --study name')
+        if study.user_attrs['plan'] != digest:
             raise CifarFastaiError(f'sweep: study {name!r} was planned from a different SPEC (or --trials); '
                                    'name this one with --study')
         return study
@@ -225,8 +228,8 @@ def run_trial(trial, spec, out, data):
     trial.set_user_attr('folder', str(folder))
     trial.set_user_attr('host', os.uname().nodename)
     cbs = [OptunaPruning(trial)]
-    if (folder / 'checkpoint.pth').exists() and not (folder / 'learner.pkl').exists():
-        resume_run(folder, data, cbs=cbs, quiet=True)
+    if (folder / 'learner.pkl').exists(): pass  # finished before its worker died (or resumed by hand): keep it
+    elif (folder / 'checkpoint.pth').exists(): resume_run(folder, data, cbs=cbs, quiet=True)
     else:
         folder.parent.mkdir(parents=True, exist_ok=True)
         fit_run(s, folder, data=data, force=True, cbs=cbs, quiet=True)
@@ -245,6 +248,8 @@ def worker(spec_path, out, storage_url_, name, data, threads, trials=None):
     "Take queued trials until none is left and none is running (a running one may die and be queued again)."
     import torch
     from optuna.storages._heartbeat import get_heartbeat_thread
+    from .rundir import RunFolderBusy
+    from .train import RunInterrupted
     torch.set_num_threads(threads)
     quiet_optuna()
     spec = read_spec(spec_path)
@@ -266,8 +271,15 @@ def worker(spec_path, out, storage_url_, name, data, threads, trials=None):
                 value = run_trial(trial, spec, out, data)
                 state = optuna.trial.TrialState.COMPLETE
             except optuna.TrialPruned: value, state = None, optuna.trial.TrialState.PRUNED
+            except RunFolderBusy as e:  # its first worker is alive after all (it only went silent): let it finish
+                print(f'cifar-fastai: trial {trial.number}: {e}', file=sys.stderr, flush=True)
+                value, state = None, optuna.trial.TrialState.FAIL
+            except RunInterrupted:
+                raise RunInterrupted('interrupted; run the same sweep command again to continue '
+                                     '(the trial under way resumes from its checkpoint)') from None
             trial.set_user_attr('minutes', (time.time() - t0) / 60)
-        study.tell(trial, value, state=state)
+        # skip_if_finished: a trial taken for dead while its worker was only silent may be finished already.
+        study.tell(trial, value, state=state, skip_if_finished=True)
         print(progress_line(study, trial.number, state, value, t0), flush=True)
 
 
@@ -402,7 +414,8 @@ def _child(*args):
     try: worker(*args)
     except CifarFastaiError as e:
         print(f'cifar-fastai: error: {e}', file=sys.stderr)
-        sys.exit(1)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt: sys.exit(130)  # the sweep command itself says what to do
 
 
 def report(out, storage=None):

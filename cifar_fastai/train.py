@@ -1,23 +1,24 @@
 "Building the Learner and running `fit` into a run folder, from the start or from its last checkpoint."
 import json
 import shutil
+import signal
 import sys
-from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import torch
 from fastai.callback.core import CancelEpochException
-from fastai.vision.all import CrossEntropyLossFlat, Learner, SGD, accuracy, set_seed
+from fastai.vision.all import CrossEntropyLossFlat, Learner, accuracy, set_seed
 
 from .artifacts import export_safetensors
 from .augment import AlbumentationsTransform
 from .callbacks import (HISTORY_COLUMNS, Checkpoint, HistoryCSV, ResumeFromCheckpoint, ReturnFreedMemory, StepLRScheduler,
-                        StopOnSigterm)
+                        StopOnSigterm, WeightAveraging)
 from .config import SETTINGS_VERSION, upgrade_settings
 from .data import cifar_dataloaders, locate_data
 from .errors import CifarFastaiError
 from .model import DilatedNet
+from .optim import sgd
 from .rundir import RunFolder, RunWriteError, writable_folder
 from .runtime import default_workers, precision_callbacks, quiet_when_logged, silence, versions
 
@@ -37,6 +38,9 @@ class ResumableLearner(Learner):
             self._with_events(self._do_epoch, 'epoch', CancelEpochException)
 
 
+RUN_INFO = ('settings', 'settings_version', 'data', 'versions')  # config.json, and its copy in every checkpoint
+
+
 class RunInterrupted(CifarFastaiError):
     "Ctrl-C or SIGTERM during a run: the last checkpoint stands, and the message says how to continue."
     exit_code = 130
@@ -46,9 +50,8 @@ def build_learner(s, root, path='.'):
     "A fastai Learner of the seed's network on CIFAR-10 at `root`, for settings `s`."
     dls = cifar_dataloaders(root, {**s, 'workers': default_workers() if s['workers'] is None else s['workers']})
     loss = CrossEntropyLossFlat(label_smoothing=s['label_smoothing'])
-    # decouple_wd=False: L2 in the gradient, as torch.optim.SGD(weight_decay=...) in the seed.
-    opt = partial(SGD, mom=s['momentum'], decouple_wd=False)
-    learn = ResumableLearner(dls, DilatedNet(n_out=dls.c, p=s['dropout']), loss_func=loss, opt_func=opt,
+    learn = ResumableLearner(dls, DilatedNet(n_out=dls.c, p=s['dropout']), loss_func=loss,
+                             opt_func=sgd(s['momentum'], s['nesterov']),
                              metrics=accuracy, wd=s['wd'], path=path, cbs=ReturnFreedMemory())
     return quiet_when_logged(learn)  # in a log, HistoryCSV prints one plain line per epoch instead of the bars
 
@@ -119,8 +122,7 @@ def _reconcile_config(run, ckpt):
         if 'settings' not in ckpt:  # checkpoints before this one kept no settings
             raise CifarFastaiError(f'resume: {path} is missing or unreadable ({type(e).__name__}) and '
                                    f'checkpoint.pth is too old to rebuild it; start the run again') from None
-        cfg = dict(settings=ckpt['settings'], settings_version=ckpt['settings_version'], data=ckpt['data'],
-                   versions=ckpt['versions'])
+        cfg = {k: ckpt[k] for k in RUN_INFO}
     version = cfg.get('settings_version', 1)
     if isinstance(version, bool) or not isinstance(version, int):
         raise CifarFastaiError(f'resume: {path}: settings_version must be an integer, got {version!r}')
@@ -130,8 +132,10 @@ def _reconcile_config(run, ckpt):
         differ = [f'{k} ({s[k]!r} in config.json, {theirs[k]!r} in checkpoint.pth)' for k in s if s[k] != theirs[k]]
         if differ: raise CifarFastaiError(f'resume: {path} disagrees with its checkpoint on {"; ".join(differ)}; '
                                           'restore config.json or start the run again')
-    if not isinstance(cfg.get('data'), str): raise CifarFastaiError(f'resume: {path} names no data folder')
-    return dict(cfg, settings=s, settings_version=SETTINGS_VERSION)
+    data = cfg.get('data', ckpt.get('data'))
+    if not isinstance(data, str): raise CifarFastaiError(f'resume: {path} names no data folder')
+    # Only what a run records: keys added to config.json by hand go no further.
+    return dict(settings=s, settings_version=SETTINGS_VERSION, data=data, versions=cfg.get('versions', {}))
 
 
 def _history_rows(run, ckpt):
@@ -141,7 +145,9 @@ def _history_rows(run, ckpt):
     path = run / 'history.csv'
     try:
         h = pd.read_csv(path)
-        if list(h.columns) != HISTORY_COLUMNS or len(h) < n or h.isna().any().any(): raise ValueError('incomplete')
+        # Older code appended rows in place: a kill mid-append leaves a partial row after the n the checkpoint knows.
+        if list(h.columns) != HISTORY_COLUMNS or len(h) < n or h.iloc[:n].isna().any().any():
+            raise ValueError('incomplete')
     except (OSError, ValueError) as e:
         raise CifarFastaiError(f'resume: {path} is missing or damaged ({type(e).__name__}) and checkpoint.pth is '
                                'too old to rebuild it; start the run again') from None
@@ -165,10 +171,13 @@ def _fit(s, root, run, info, ckpt, cbs=(), quiet=False):
     aug = aug_transform(learn)
     history = HistoryCSV(run, rows=ckpt['history'] if ckpt else (), echo=not (quiet or sys.stdout.isatty()))
     cbs = [history, Checkpoint(run, aug, run_info=info), StopOnSigterm(), *precision_cbs, *cbs]
+    if s['ema']: cbs.append(WeightAveraging(s['ema']))
     if ckpt: cbs.append(ResumeFromCheckpoint(ckpt, aug))
+    sigterm = signal.getsignal(signal.SIGTERM)  # StopOnSigterm's, until the fit ends however it ends
     try:
         if ckpt and ckpt['epoch'] >= s['epochs']:  # killed after the last epoch, before the export
-            learn.model.load_state_dict(ckpt['model'])
+            averaged = ckpt.get('callbacks', {}).get('WeightAveraging')
+            learn.model.load_state_dict(WeightAveraging.averaged_weights(averaged) if averaged else ckpt['model'])
         elif s['schedule'] == 'step':
             learn.fit(s['epochs'], s['lr'], cbs=cbs + [StepLRScheduler(s['step_size'], s['gamma'])])
         else:
@@ -177,6 +186,7 @@ def _fit(s, root, run, info, ckpt, cbs=(), quiet=False):
         where = ('no epoch had finished, start it again with --force' if run.checkpoint_epoch is None else
                  f'its checkpoint holds {run.checkpoint_epoch} epochs: continue with cifar-fastai fit --resume {run.path}')
         raise RunInterrupted(f'interrupted; {where}') from None
+    finally: signal.signal(signal.SIGTERM, sigterm)
     last = history.rows[-1]
     export_safetensors(learn, run, s, metrics=dict(epochs=int(last[0]) + 1, accuracy=float(last[3]),
                                                    valid_loss=float(last[2])))
@@ -188,8 +198,9 @@ def _export_learner(learn, run):
     "fastai's Learner.export, into a temporary file renamed into place: a failed export leaves no half pickle."
     tmp = run / 'learner.pkl.tmp'
     try: learn.export(tmp.name)
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+    except BaseException as e:  # Ctrl-C/SIGTERM included: no half pickle left behind
         tmp.unlink(missing_ok=True)
+        if not isinstance(e, (OSError, RuntimeError)): raise  # torch's zip writer says "disk full" as a RuntimeError
         raise RunWriteError(f'cannot write {run / "learner.pkl"} ({e}); the model is exported in model.safetensors; '
                             f'make room and finish with cifar-fastai fit --resume {run.path}') from None
     tmp.replace(run / 'learner.pkl')

@@ -63,6 +63,26 @@ def shared_tgz():
     return SHARED_TGZ
 
 
+def stopped_run(s, stop_after, folder, data):
+    "Run folders of `s` (step schedule): `folder/whole` trained through, `folder/run` as a kill after epoch `stop_after` leaves it."
+    # The first epochs of a step-schedule run do not depend on its length: train them as a shorter run, then tell
+    # its checkpoint and config.json the real length and drop its exports.
+    import json
+    import torch
+    from cifar_fastai.train import fit_run
+    fit_run(s, folder / 'whole', data=str(data))
+    run = folder / 'run'
+    fit_run({**s, 'epochs': stop_after}, run, data=str(data))
+    ckpt = torch.load(run / 'checkpoint.pth', weights_only=False)
+    ckpt['settings']['epochs'] = s['epochs']
+    torch.save(ckpt, run / 'checkpoint.pth')
+    cfg = json.loads((run / 'config.json').read_text())
+    cfg['settings']['epochs'] = s['epochs']
+    (run / 'config.json').write_text(json.dumps(cfg))
+    for f in ('learner.pkl', 'model.safetensors', 'model.json'): (run / f).unlink()
+    return run, folder / 'whole'
+
+
 def run_cli(*args, check=True, timeout=600, env=None):
     "The real `cifar-fastai` command in a fresh process."
     res = subprocess.run([sys.executable, '-m', 'cifar_fastai', *map(str, args)], capture_output=True, text=True,

@@ -20,7 +20,7 @@ from cifar_fastai.artifacts import load_for_inference, trained_precision
 from cifar_fastai.config import resolve_settings
 from cifar_fastai.errors import CifarFastaiError
 from cifar_fastai.model import DilatedNet
-from cifar_fastai.modelio import write_model
+from cifar_fastai.modelio import model_files
 from cifar_fastai.predict import collect_images
 from conftest import CLASSES, make_cifar
 from test_inference import one_line_error, run_main
@@ -40,7 +40,8 @@ def pair(tmp_path_factory):
     model = DilatedNet(n_out=len(CLASSES))
     model(torch.rand(8, 3, 32, 32) * 4 - 2)  # one training-mode pass: BatchNorm statistics that are not 0 and 1
     folder = tmp_path_factory.mktemp('model')
-    write_model(folder, model.eval(), CLASSES, STATS, resolve_settings({}), dict(epochs=1, accuracy=0.5))
+    for name, data in model_files(model.eval(), CLASSES, STATS, resolve_settings({}), dict(epochs=1, accuracy=0.5)).items():
+        (folder / name).write_bytes(data)
     root = make_cifar(tmp_path_factory.mktemp('data') / 'cifar10', n_train=1, n_test=2)
     files = {name: (folder / name).read_bytes() for name in ('model.safetensors', 'model.json')}
     return folder, files, root

@@ -17,7 +17,7 @@ from cifar_fastai import config
 from cifar_fastai.config import resolve_settings
 from cifar_fastai.errors import CifarFastaiError
 from cifar_fastai.train import fit_run, resume_run
-from conftest import make_cifar, run_cli
+from conftest import make_cifar, run_cli, stopped_run
 
 FIT = ['--bs', 4, '--step-size', 2, '--seed', 3, '--workers', 0]
 
@@ -140,19 +140,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_room
 @pytest.fixture
 def killed_run(tmp_path, data):
     "A run of 6 epochs stopped after its 3rd, as a kill leaves it, and the same run uninterrupted."
-    s = resolve_settings({'epochs': 6, 'bs': 4, 'workers': 0, 'seed': 5})
-    fit_run(s, tmp_path / 'whole', data=str(data))
-    run = tmp_path / 'run'
-    fit_run({**s, 'epochs': 3}, run, data=str(data))
-    # Make it the 6-epoch run killed after epoch 3: same state, as the first 3 epochs of one-cycle differ, use step.
-    ckpt = torch.load(run / 'checkpoint.pth', weights_only=False)
-    ckpt['settings']['epochs'] = 6
-    torch.save(ckpt, run / 'checkpoint.pth')
-    cfg = json.loads((run / 'config.json').read_text())
-    cfg['settings']['epochs'] = 6
-    (run / 'config.json').write_text(json.dumps(cfg))
-    for f in ('learner.pkl', 'model.safetensors', 'model.json'): (run / f).unlink()
-    return run, tmp_path / 'whole'
+    return stopped_run(resolve_settings({'epochs': 6, 'bs': 4, 'workers': 0, 'seed': 5}), 3, tmp_path, data)
 
 
 def resumes_to_the_same_end(run, whole):
@@ -202,19 +190,26 @@ def test_unreadable_checkpoint_fails_in_one_line(killed_run):
 
 def test_run_written_before_a_setting_existed_resumes_with_the_value_it_ran_with(killed_run, monkeypatch):
     run, whole = killed_run
-    # A later cifar-fastai adds a setting (version 2) whose default differs from how older runs behaved.
-    monkeypatch.setattr(config, 'SETTINGS_VERSION', 2)
+    # A later cifar-fastai adds a setting (one version up) whose default differs from how older runs behaved.
+    from cifar_fastai import train
+    later = config.SETTINGS_VERSION + 1
+    monkeypatch.setattr(config, 'SETTINGS_VERSION', later)
+    monkeypatch.setattr(train, 'SETTINGS_VERSION', later)
     monkeypatch.setitem(config.DEFAULTS, 'new_lever', 1.0)
-    monkeypatch.setattr(config, 'ADDED_SETTINGS', {2: {'new_lever': 0.0}})
+    monkeypatch.setattr(config, 'ADDED_SETTINGS', {**config.ADDED_SETTINGS, later: {'new_lever': 0.0}})
     resumes_to_the_same_end(run, whole)
     assert json.loads((run / 'config.json').read_text())['settings']['new_lever'] == 0.0
 
 
-def test_checkpoint_keeps_cuda_random_state_and_loss_scaler_with_fastai_own_random_states(killed_run):
-    run, _ = killed_run
-    ckpt = torch.load(run / 'checkpoint.pth', weights_only=False)
+def test_checkpoint_keeps_fastai_random_states_cuda_included_and_the_loss_scaler(tmp_path, data):
+    # On CUDA, fastai's MixedPrecision keeps a GradScaler in learn.scaler; a CPU GradScaler stands in for it here.
+    from fastai.callback.core import Callback
+    class Scaler(Callback):
+        def before_fit(self): self.learn.scaler = torch.amp.GradScaler('cpu', init_scale=1234.0)
+    fit_run(resolve_settings({'epochs': 1, 'bs': 4, 'workers': 0}), tmp_path / 'run', data=str(data), cbs=[Scaler()])
+    ckpt = torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=False)
     assert {'random_state', 'numpy_state', 'torch_state', 'torch_cuda_state', 'data_order'} <= set(ckpt['rng'])
-    assert 'scaler' in ckpt  # None on the CPU (no loss scaling); MixedPrecision's GradScaler state on CUDA
+    assert ckpt['scaler']['scale'] == 1234.0
 
 
 def test_resumed_epochs_are_not_replayed_through_epoch_end_callbacks(killed_run):

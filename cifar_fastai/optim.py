@@ -1,0 +1,22 @@
+"fastai's SGD, with the Nesterov step it lacks."
+from functools import partial
+
+from fastai.optimizer import Optimizer, SGD, average_grad, l2_reg
+
+__all__ = ['nesterov_step', 'nesterov_sgd', 'sgd']
+
+
+def nesterov_step(p, lr, mom, grad_avg, **kwargs):
+    "Nesterov's step, as torch.optim.SGD(nesterov=True): the gradient plus `mom` times the updated average."
+    # fastai's SGD has only the plain momentum step; average_grad has already folded this step's gradient in.
+    p.data.add_(p.grad.data + mom * grad_avg, alpha=-lr)
+
+
+def nesterov_sgd(params, lr, mom=0.9, wd=0.):
+    "SGD with Nesterov momentum and L2 weight decay in the gradient (as the seed's torch.optim.SGD)."
+    return Optimizer(params, [l2_reg, average_grad, nesterov_step], lr=lr, mom=mom, wd=wd)
+
+
+def sgd(mom, nesterov=False):
+    "The optimizer function for a Learner: L2 in the gradient, as torch.optim.SGD(weight_decay=...) in the seed."
+    return partial(nesterov_sgd, mom=mom) if nesterov else partial(SGD, mom=mom, decouple_wd=False)

@@ -1,0 +1,100 @@
+"Levers beyond the seed's recipe (issue 12): Nesterov momentum, an EMA of the weights, pad-and-crop."
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cifar_fastai.augment import seed_augmentations
+from cifar_fastai.config import DEFAULTS, resolve_settings
+from cifar_fastai.optim import nesterov_sgd
+from cifar_fastai.train import fit_run, resume_run
+from conftest import make_cifar, stopped_run
+
+
+def test_nesterov_steps_as_torch_sgd_with_nesterov_and_weight_decay():
+    torch.manual_seed(0)
+    w0 = torch.randn(5, 3)
+    ours, theirs = w0.clone().requires_grad_(), w0.clone().requires_grad_()
+    opt = nesterov_sgd([ours], lr=0.1, mom=0.9, wd=5e-4)
+    ref = torch.optim.SGD([theirs], lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    for step in range(5):
+        x = torch.randn(3)
+        for w, o in ((ours, opt), (theirs, ref)):
+            ((w @ x).sin().sum()).backward()
+            o.step()
+            o.zero_grad()
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_pad_crop_shows_a_shifted_window_of_the_reflect_padded_image():
+    s = {**DEFAULTS, 'pad_crop': 4, 'shift_scale_rotate_p': 0, 'flip_p': 0, 'color_jitter_p': 0, 'cutout_p': 0}
+    aug = seed_augmentations(s)
+    img = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    padded = np.pad(img, ((4, 4), (4, 4), (0, 0)), mode='reflect')
+    seen = set()
+    for _ in range(40):
+        out = aug(image=img)['image']
+        hits = [(dy, dx) for dy in range(9) for dx in range(9) if np.array_equal(padded[dy:dy + 32, dx:dx + 32], out)]
+        assert hits, 'not a 32x32 window of the reflect-padded image'
+        seen.add(hits[0])
+    assert len(seen) > 5  # at random
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_cifar(tmp_path / 'data' / 'cifar10', n_train=10, n_test=4)
+
+
+def test_ema_weights_are_what_is_validated_and_exported(tmp_path, data):
+    s = resolve_settings({'epochs': 3, 'bs': 4, 'workers': 0, 'ema': 0.9, 'lr': 0.1})
+    learn = fit_run(s, tmp_path / 'run', data=str(data))
+    run = tmp_path / 'run'
+    exported = load_file(str(run / 'model.safetensors'))
+    ckpt = torch.load(run / 'checkpoint.pth', weights_only=False)
+    trained, averaged = ckpt['model'], ckpt['callbacks']['WeightAveraging']
+    # The checkpoint keeps the trained weights (training goes on from them) and the average beside them.
+    assert any(not torch.equal(trained[k], exported[k]) for k in exported if exported[k].is_floating_point())
+    assert all(torch.equal(averaged['module.' + k], exported[k]) for k in exported)
+    # The last row of history.csv is the averaged network's: the exported model scores it on the test images.
+    loss, acc = learn.validate()
+    last = pd.read_csv(run / 'history.csv').iloc[-1]
+    assert (last.valid_loss, last.accuracy) == (pytest.approx(loss, rel=1e-5), pytest.approx(acc))
+    learn.model.load_state_dict(trained)
+    assert learn.validate()[0] != pytest.approx(last.valid_loss, rel=1e-5)  # the trained weights score otherwise
+
+
+def test_an_ema_run_continued_from_its_checkpoint_ends_with_the_same_average(tmp_path, data):
+    s = resolve_settings({'epochs': 5, 'bs': 4, 'workers': 0, 'ema': 0.8, 'nesterov': True, 'pad_crop': 2})
+    run, whole = stopped_run(s, 2, tmp_path, data)
+    resume_run(run)
+    a, b = load_file(str(run / 'model.safetensors')), load_file(str(tmp_path / 'whole' / 'model.safetensors'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert pd.read_csv(run / 'history.csv').drop(columns='seconds').equals(
+        pd.read_csv(tmp_path / 'whole' / 'history.csv').drop(columns='seconds'))
+
+
+def test_a_run_from_before_these_settings_resumes_as_it_ran(tmp_path, data):
+    # Written by the code before settings version 2: no nesterov, ema, pad_crop, no settings_version.
+    s = resolve_settings({'epochs': 4, 'bs': 4, 'workers': 0})
+    fit_run(s, tmp_path / 'whole', data=str(data))
+    run = tmp_path / 'run'
+    fit_run({**s, 'epochs': 2}, run, data=str(data))
+    old = {k: v for k, v in {**s, 'epochs': 4}.items() if k not in ('nesterov', 'ema', 'pad_crop')}
+    ckpt = torch.load(run / 'checkpoint.pth', weights_only=False)
+    for k in ('settings', 'settings_version', 'data', 'versions', 'history', 'callbacks', 'scaler'): ckpt.pop(k)
+    rng = ckpt['rng']  # the old layout of the random states
+    ckpt['rng'] = dict(python=rng['random_state'], numpy=rng['numpy_state'], torch=rng['torch_state'],
+                       data_order=rng['data_order'])
+    torch.save(ckpt, run / 'checkpoint.pth')
+    cfg = json.loads((run / 'config.json').read_text())
+    cfg['settings'] = old
+    cfg.pop('settings_version')
+    (run / 'config.json').write_text(json.dumps(cfg))
+    for f in ('learner.pkl', 'model.safetensors', 'model.json'): (run / f).unlink()
+    resume_run(run)
+    assert pd.read_csv(run / 'history.csv').drop(columns='seconds').equals(
+        pd.read_csv(tmp_path / 'whole' / 'history.csv').drop(columns='seconds'))
+    assert json.loads((run / 'config.json').read_text())['settings']['ema'] == 0.0
