@@ -58,7 +58,7 @@ def one_line(stderr):
 
 def test_two_fits_on_one_folder_the_second_fails_at_once_and_the_first_keeps_one_row_per_epoch(tmp_path, data):
     run = tmp_path / 'run'
-    args = ['fit', '--data', data, *FIT, '--epochs', 40, '--out', run]
+    args = ['fit', '--data', data, *FIT, '--epochs', 25, '--out', run]
     first = start(args)
     while not (run / '.lock').exists(): time.sleep(0.01)  # the first has taken the folder, written nothing yet
     second, resume = start(args), start(['fit', '--resume', run])
@@ -66,7 +66,7 @@ def test_two_fits_on_one_folder_the_second_fails_at_once_and_the_first_keeps_one
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 1 and f'{run} is in use by another process (pid {first.pid})' in one_line(err)
     assert first.wait(timeout=300) == 0
-    assert history(run).epoch.tolist() == list(range(40))
+    assert history(run).epoch.tolist() == list(range(25))
 
 
 def test_log_gets_one_plain_line_per_epoch_not_progress_bar_redraws(tmp_path, data):
@@ -118,7 +118,7 @@ def fill(folder):
 
 
 def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_room(tmp_path, data, small_disk):
-    args = ['--data', data, *FIT, '--epochs', 30]
+    args = ['--data', data, *FIT, '--epochs', 16]
     run_cli('fit', *args, '--out', tmp_path / 'whole')
     run = small_disk / 'run'
     proc = start(['fit', *args, '--out', run])
@@ -130,7 +130,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_room
     assert 'cannot write' in line and 'No space left on device' in line and 'is intact' in line, line
     assert not list(run.glob('*.tmp'))
     done = torch.load(run / 'checkpoint.pth', weights_only=False)['epoch']  # the checkpoint loads whole
-    assert 1 <= done < 30 and f'after epoch {done})' in line
+    assert 1 <= done < 16 and f'after epoch {done})' in line
     filler.unlink()
     run_cli('fit', '--resume', run)
     assert history(run).equals(history(tmp_path / 'whole'))
