@@ -98,20 +98,18 @@ class StopOnSigterm(Callback):
     "SIGTERM (kill, schedulers) during training stops it at the end of the batch under way, as Ctrl-C does."
     # A handler that raises at once can fire inside a weakref callback or __del__, where Python prints the
     # exception and carries on; a flag checked after each batch always stops the run, at a clean point.
+    # The previous handler is put back by whoever runs the fit (train._fit, in a finally): fastai has no event
+    # for a fit that ends in an exception.
     order = TrainEvalCallback.order
 
     def before_fit(self):
         self.asked = False
-        self.previous = signal.signal(signal.SIGTERM, self.ask)
+        signal.signal(signal.SIGTERM, self.ask)
 
     def ask(self, signum, frame): self.asked = True
 
     def after_batch(self):
-        if self.asked:
-            self.after_fit()
-            raise KeyboardInterrupt
-
-    def after_fit(self): signal.signal(signal.SIGTERM, self.previous)
+        if self.asked: raise KeyboardInterrupt
 
 
 class ResumeFromCheckpoint(Callback):

@@ -63,7 +63,7 @@ def aug_transform(learn):
 def fit_run(s, out, data=None, force=False, cbs=(), quiet=False):
     """Train with settings `s` into a new run folder `out`, held by this process alone; `cbs`: more callbacks
     (a sweep's pruning), `quiet`: no progress on stdout (sweep workers, several to a terminal)."""
-    precision_callbacks(s['precision'])  # a precision this machine lacks fails before out is touched
+    precision_cbs = precision_callbacks(s['precision'])  # a precision this machine lacks fails before out is touched
     made = not Path(out).expanduser().exists()
     with RunFolder(writable_folder(out, parents=False)).lock() as run:  # before anything else: a second writer fails at once
         held = run.held_files()
@@ -73,7 +73,7 @@ def fit_run(s, out, data=None, force=False, cbs=(), quiet=False):
         try:
             root = locate_data(data)
             info = dict(settings=s, settings_version=SETTINGS_VERSION, data=str(root), versions=versions())
-            return _fit(s, root, run, info, ckpt=None, cbs=cbs, quiet=quiet)
+            return _fit(s, root, run, info, None, precision_cbs, cbs=cbs, quiet=quiet)
         except BaseException:
             # Bad data (or Ctrl-C) before the first file was written leaves no empty folder behind.
             if made and not run.held_files(): shutil.rmtree(run.path, ignore_errors=True)
@@ -91,7 +91,7 @@ def _resume(run, data, cbs, quiet):
     ckpt = _read_checkpoint(run)
     info = _reconcile_config(run, ckpt)
     s = info['settings']
-    precision_callbacks(s['precision'])
+    precision_cbs = precision_callbacks(s['precision'])
     rows = _history_rows(run, ckpt)
     # The checkpoint is the authority: history.csv and config.json are rewritten from it (lost, truncated or
     # a row ahead of it after a kill between the two writes).
@@ -99,7 +99,7 @@ def _resume(run, data, cbs, quiet):
     run.write('history.csv', _history_frame(rows).to_csv(index=False))
     run.write('config.json', json.dumps(info, indent=2))
     ckpt['history'] = rows
-    return _fit(s, locate_data(data or info['data']), run, info, ckpt=ckpt, cbs=cbs, quiet=quiet)
+    return _fit(s, locate_data(data or info['data']), run, info, ckpt, precision_cbs, cbs=cbs, quiet=quiet)
 
 
 def _read_checkpoint(run):
@@ -160,8 +160,7 @@ def _typed(rows): return [[int(r[0]), *map(float, r[1:])] for r in rows]
 def _history_frame(rows): return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
 
 
-def _fit(s, root, run, info, ckpt, cbs=(), quiet=False):
-    precision_cbs = precision_callbacks(s['precision'])
+def _fit(s, root, run, info, ckpt, precision_cbs, cbs=(), quiet=False):
     set_seed(s['seed'], reproducible=True)
     learn = build_learner(s, root, path=run.path)  # reads and checks every image before out is written
     if quiet: silence(learn)
@@ -173,7 +172,7 @@ def _fit(s, root, run, info, ckpt, cbs=(), quiet=False):
     cbs = [history, Checkpoint(run, aug, run_info=info), StopOnSigterm(), *precision_cbs, *cbs]
     if s['ema']: cbs.append(WeightAveraging(s['ema']))
     if ckpt: cbs.append(ResumeFromCheckpoint(ckpt, aug))
-    sigterm = signal.getsignal(signal.SIGTERM)  # StopOnSigterm's, until the fit ends however it ends
+    sigterm = signal.getsignal(signal.SIGTERM)  # StopOnSigterm replaces it for the fit; back however it ends
     try:
         if ckpt and ckpt['epoch'] >= s['epochs']:  # killed after the last epoch, before the export
             averaged = ckpt.get('callbacks', {}).get('WeightAveraging')
