@@ -11,6 +11,7 @@ from fastai.learner import Recorder
 from fastai.torch_core import get_random_states, set_random_states, to_float
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from .distributed import bare_model, gathered, inner_loader, rank
 from .plots import curves_png
 
 __all__ = ['StepLRScheduler', 'CPUAutocast', 'FlipTTA', 'ReturnFreedMemory', 'HistoryCSV', 'Checkpoint',
@@ -74,16 +75,16 @@ class WeightAveraging(Callback):
     def __init__(self, decay): self.decay = decay
 
     def before_fit(self):
-        self.average = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
+        self.average = AveragedModel(bare_model(self.model), multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
 
-    def after_step(self): self.average.update_parameters(self.model)
+    def after_step(self): self.average.update_parameters(bare_model(self.model))
 
     def before_validate(self):
-        self.trained = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.model.load_state_dict(self.average.module.state_dict())
+        self.trained = {k: v.clone() for k, v in bare_model(self.model).state_dict().items()}
+        bare_model(self.model).load_state_dict(self.average.module.state_dict())
 
-    def after_validate(self): self.model.load_state_dict(self.trained)  # training goes on from its own weights
-    def after_fit(self): self.model.load_state_dict(self.average.module.state_dict())  # exported and shipped
+    def after_validate(self): bare_model(self.model).load_state_dict(self.trained)  # training goes on from its own weights
+    def after_fit(self): bare_model(self.model).load_state_dict(self.average.module.state_dict())  # exported and shipped
 
     def checkpoint_state(self): return self.average.state_dict()
     def load_checkpoint_state(self, state): self.average.load_state_dict(state)
@@ -124,11 +125,12 @@ class ResumeFromCheckpoint(Callback):
         if mbar := getattr(getattr(self.learn, 'progress', None), 'mbar', None):
             mbar.update(0)  # fastprogress times its bar from an update at 0, which a later first epoch never makes
         self.learn.train_iter, self.learn.pct_train = start * len(self.dls.train), start / self.n_epoch
-        self.model.load_state_dict(self.ckpt['model'])
+        bare_model(self.model).load_state_dict(self.ckpt['model'])
         self.opt.load_state_dict(self.ckpt['opt'])
         if self.ckpt.get('scaler') and getattr(self.learn, 'scaler', None): self.learn.scaler.load_state_dict(self.ckpt['scaler'])
-        set_rng_state(self.learn, self.ckpt['rng'])
-        self.aug_tfm.set_state(self.ckpt['aug'])
+        mine = self.ckpt['ranks'][rank()] if 'ranks' in self.ckpt else self.ckpt  # 'ranks': a distributed run's
+        set_rng_state(self.learn, mine['rng'])
+        self.aug_tfm.set_state(mine['aug'])
         self.recorder.smooth_loss.count, self.recorder.smooth_loss.val = self.ckpt['smooth_loss']
         for cb in self.learn.cbs:
             if type(cb).__name__ in self.ckpt.get('callbacks', {}):
@@ -144,7 +146,7 @@ class HistoryCSV(Callback):
     def __init__(self, run, rows=(), echo=False):
         # rows: the finished epochs' rows, from the checkpoint when resuming; echo: one plain line per epoch on
         # stdout, for logs (fastprogress would write every redraw of its bars into them).
-        self.run, self.rows, self.echo = run, [list(r) for r in rows], echo
+        self.folder, self.rows, self.echo = run, [list(r) for r in rows], echo
 
     def before_epoch(self): self.t0 = time.perf_counter()
     def after_batch(self):
@@ -154,9 +156,10 @@ class HistoryCSV(Callback):
         train_loss, valid_loss, acc = self.recorder.values[-1][:3]
         self.rows.append([self.epoch, float(train_loss), float(valid_loss), float(acc), self.last_lr,
                           time.perf_counter() - self.t0])
+        if self.folder is None: return  # a rank of a distributed run other than 0
         history = self.history()
-        self.run.write('history.csv', history.to_csv(index=False))
-        self.run.write('curves.png', curves_png(history))
+        self.folder.write('history.csv', history.to_csv(index=False))
+        self.folder.write('curves.png', curves_png(history))
         if self.echo:
             print(f'epoch {self.epoch + 1}/{self.n_epoch}  ' +
                   '  '.join(f'{k} {v:.6g}' for k, v in zip(HISTORY_COLUMNS[1:], self.rows[-1][1:])), flush=True)
@@ -169,15 +172,19 @@ class Checkpoint(Callback):
     order = HistoryCSV.order + 1  # after the epoch's history row is on disk
 
     def __init__(self, run, aug_tfm, run_info):
+        # run: None on the ranks of a distributed run that write nothing (they hand their random states to rank 0);
         # run_info: settings, data folder and versions, so that a lost config.json can be rebuilt from here.
-        self.run, self.aug_tfm, self.run_info = run, aug_tfm, run_info
+        # (Not self.run: fastai's Callback.run switches a callback off when falsy.)
+        self.folder, self.aug_tfm, self.run_info = run, aug_tfm, run_info
 
     def after_epoch(self):
+        ranks = gathered(dict(rng=rng_state(self.learn), aug=self.aug_tfm.get_state()))
+        if self.folder is None: return
         scaler = getattr(self.learn, 'scaler', None)
-        self.run.save_checkpoint(dict(
-            epoch=self.epoch + 1, model=self.model.state_dict(), opt=self.opt.state_dict(),
-            smooth_loss=(self.recorder.smooth_loss.count, self.recorder.smooth_loss.val), rng=rng_state(self.learn),
-            aug=self.aug_tfm.get_state(), scaler=scaler.state_dict() if scaler else None,
+        self.folder.save_checkpoint(dict(
+            epoch=self.epoch + 1, model=bare_model(self.model).state_dict(), opt=self.opt.state_dict(),
+            smooth_loss=(self.recorder.smooth_loss.count, self.recorder.smooth_loss.val), **ranks[0],
+            **(dict(ranks=ranks) if len(ranks) > 1 else {}), scaler=scaler.state_dict() if scaler else None,
             history=self.history_csv.rows, callbacks=callback_states(self.learn), **self.run_info))
 
 
@@ -188,7 +195,7 @@ def callback_states(learn):
 
 def rng_state(learn):
     "Every random state that decides the rest of a run: fastai's (python, numpy, torch, CUDA) and the data order."
-    return dict(get_random_states(), data_order=learn.dls.train.rng.getstate())
+    return dict(get_random_states(), data_order=inner_loader(learn.dls.train).rng.getstate())
 
 
 def set_rng_state(learn, st):
@@ -197,4 +204,4 @@ def set_rng_state(learn, st):
                   torch_cuda_state=torch.cuda.get_rng_state_all(), torch_deterministic=torch.backends.cudnn.deterministic,
                   torch_benchmark=torch.backends.cudnn.benchmark, data_order=st['data_order'])
     set_random_states(**{k: v for k, v in st.items() if k != 'data_order'})
-    learn.dls.train.rng.setstate(st['data_order'])
+    inner_loader(learn.dls.train).rng.setstate(st['data_order'])

@@ -1,4 +1,5 @@
 "The `cifar-fastai` command: one sub-command per step of the experiment, parsed by fastcore.script."
+import os
 import signal
 import sys
 import time
@@ -51,7 +52,9 @@ def _settings(
         ema: Annotated[float, 'Decay of an EMA of the weights, which is validated, exported and shipped; 0: none '
                               + _d('ema')] = None,
         pad_crop: Annotated[int, 'Reflect-pad by this many pixels, then crop 32x32 at random; 0: none '
-                                 + _d('pad_crop')] = None):
+                                 + _d('pad_crop')] = None,
+        sync_bn: Annotated[bool_arg, 'Under torchrun on GPUs: batch-norm statistics over all processes (SyncBatchNorm); '
+                                     'CPU runs keep plain BatchNorm ' + _d('sync_bn')] = None):
     "The settings every training-like command shares (see config.DEFAULTS)."
 
 
@@ -71,14 +74,15 @@ def fit(out: Annotated[str, 'Run folder for config.json, history.csv, curves.png
         force: Annotated[bool, 'Overwrite a run already in --out'] = False,
         **kwargs):
     "Train the seed's network on CIFAR-10 (SGD + StepLR by default, or one-cycle) into a run folder."
+    from .distributed import process_group
     from .train import fit_run, resume_run
     if resume:
         given = [k.replace('_', '-') for k, v in kwargs.items() if v is not None and k != 'data']
         if given: raise CifarFastaiError(f'--resume continues with the run\'s own settings; drop --{", --".join(given)}')
-        resume_run(resume, kwargs['data'])
+        with process_group(): resume_run(resume, kwargs['data'])
     else:
         s = resolve_settings(kwargs, kwargs['config'])
-        fit_run(s, out or f'runs/{time.strftime("%Y%m%d-%H%M%S")}', data=kwargs['data'], force=force)
+        with process_group(): fit_run(s, out or f'runs/{time.strftime("%Y%m%d-%H%M%S")}', data=kwargs['data'], force=force)
 
 
 @delegates(_settings, but=['epochs', 'lr', 'schedule', 'step_size', 'gamma'])
@@ -258,6 +262,8 @@ def main(argv=None):
         sys.exit(0 if argv else 2)
     cmd, *rest = argv
     if cmd not in COMMANDS: _fail(f'unknown command {cmd!r}; choose from {", ".join(COMMANDS)}', 2)
+    if cmd != 'fit' and int(os.environ.get('WORLD_SIZE', 1)) > 1:  # each process would do the same work and writes
+        _fail(f'{cmd} runs in one process; of the commands only fit trains across processes (torchrun)', 2)
     func = COMMANDS[cmd]
     parser = anno_parser(func, prog=f'cifar-fastai {cmd}', pos=POSITIONAL.get(cmd))
     parser.error = lambda msg: _fail(f'{cmd}: {msg}', 2)  # one line, not argparse's usage dump

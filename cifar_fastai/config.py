@@ -26,13 +26,16 @@ DEFAULTS = dict(
     ema=0.0,                              # decay of an exponential moving average of the weights (0: none); the
                                           # average is what is validated each epoch, exported and shipped
     pad_crop=0,                           # reflect-pad by this many pixels and crop 32x32 at random (0: none)
+    # Runs over several processes (torchrun): batch-norm statistics over the global batch (SyncBatchNorm) on
+    # GPUs; CPU runs keep plain BatchNorm, each process's statistics over its share (SyncBatchNorm needs CUDA).
+    sync_bn=True,
 )
 
 # The settings' version, recorded in every run's config.json and checkpoint. A setting added later goes into
 # ADDED_SETTINGS under the version that introduced it, with the value that reproduces what runs did before it
 # existed: an older run then resumes exactly as it started (its config lacks the setting).
-SETTINGS_VERSION = 2
-ADDED_SETTINGS = {2: dict(nesterov=False, ema=0.0, pad_crop=0)}  # version -> {setting: value older runs behaved as}
+SETTINGS_VERSION = 3
+ADDED_SETTINGS = {2: dict(nesterov=False, ema=0.0, pad_crop=0), 3: dict(sync_bn=True)}  # version -> {setting: value older runs behaved as}
 
 _POSITIVE = ('epochs', 'bs', 'lr', 'step_size', 'cutout_size')
 _NON_NEGATIVE = ('wd', 'momentum', 'dropout', 'label_smoothing', 'shift_limit', 'scale_limit', 'rotate_limit',
@@ -94,7 +97,8 @@ def check_settings(s, source=''):
         if not 0 <= s[k] <= 1: bad(k, 'between 0 and 1')
     if s['dropout'] >= 1: bad('dropout', 'below 1 (dropout 1 drops every activation)')
     if s['ema'] >= 1: bad('ema', 'below 1 (a decay of 1 never moves the average)')
-    if not isinstance(s['nesterov'], bool): bad('nesterov', 'true or false')
+    for k in ('nesterov', 'sync_bn'):
+        if not isinstance(s[k], bool): bad(k, 'true or false')
     if s['pad_crop'] > 16: bad('pad_crop', 'at most 16 pixels')
     for k in ('workers', 'train_size', 'valid_size'):
         if s[k] is not None and s[k] < (0 if k == 'workers' else 1): bad(k, 'positive' if k != 'workers' else '0 or more')

@@ -3,11 +3,13 @@ import json
 import shutil
 import signal
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
 import torch
 from fastai.callback.core import CancelEpochException
+from fastai.metrics import AccumMetric
 from fastai.vision.all import CrossEntropyLossFlat, Learner, accuracy, set_seed
 
 from .artifacts import export_safetensors
@@ -16,6 +18,8 @@ from .callbacks import (HISTORY_COLUMNS, Checkpoint, HistoryCSV, ResumeFromCheck
                         StopOnSigterm, WeightAveraging)
 from .config import SETTINGS_VERSION, upgrade_settings
 from .data import cifar_dataloaders, locate_data
+from .distributed import (RankFailed, check_batch_split, distributed_callbacks, is_lost_peer, launched, on_main,
+                          peer_error_summary, rank, training_ctx, world_size)
 from .errors import CifarFastaiError
 from .model import DilatedNet
 from .optim import sgd
@@ -47,12 +51,16 @@ class RunInterrupted(CifarFastaiError):
 
 
 def build_learner(s, root, path='.'):
-    "A fastai Learner of the seed's network on CIFAR-10 at `root`, for settings `s`."
-    dls = cifar_dataloaders(root, {**s, 'workers': default_workers() if s['workers'] is None else s['workers']})
+    "A fastai Learner of the seed's network on CIFAR-10 at `root`, for settings `s` (this process's share of --bs)."
+    dls = cifar_dataloaders(root, {**s, 'bs': check_batch_split(s['bs']),
+                                   'workers': default_workers() if s['workers'] is None else s['workers']})
     loss = CrossEntropyLossFlat(label_smoothing=s['label_smoothing'])
+    # Accuracy over the predictions of the whole test set, gathered from every process of a distributed run
+    # (fastai's per-batch average would weigh the padding DistributedDL adds to even out the shares).
+    whole_set_accuracy = AccumMetric(accuracy, flatten=False)
     learn = ResumableLearner(dls, DilatedNet(n_out=dls.c, p=s['dropout']), loss_func=loss,
                              opt_func=sgd(s['momentum'], s['nesterov']),
-                             metrics=accuracy, wd=s['wd'], path=path, cbs=ReturnFreedMemory())
+                             metrics=whole_set_accuracy, wd=s['wd'], path=path, cbs=ReturnFreedMemory())
     return quiet_when_logged(learn)  # in a log, HistoryCSV prints one plain line per epoch instead of the bars
 
 
@@ -62,36 +70,58 @@ def aug_transform(learn):
 
 def fit_run(s, out, data=None, force=False, cbs=(), quiet=False):
     """Train with settings `s` into a new run folder `out`, held by this process alone; `cbs`: more callbacks
-    (a sweep's pruning), `quiet`: no progress on stdout (sweep workers, several to a terminal)."""
+    (a sweep's pruning), `quiet`: no progress on stdout (sweep workers, several to a terminal).
+    Launched by torchrun, rank 0 holds and writes the folder; the other ranks train beside it and write nothing."""
     precision_cbs = precision_callbacks(s['precision'])  # a precision this machine lacks fails before out is touched
+    check_batch_split(s['bs'])
     made = not Path(out).expanduser().exists()
-    with RunFolder(writable_folder(out, parents=False)).lock() as run:  # before anything else: a second writer fails at once
-        held = run.held_files()
-        if held and not force:
-            raise CifarFastaiError(f'out: {run.path} holds another run ({", ".join(held)}); '
-                                   f'continue it with --resume {run.path} or overwrite it with --force')
+    # Before anything else: a second writer fails at once.
+    run = on_main(lambda: _refuse_held(RunFolder(writable_folder(out, parents=False)).lock(), force))
+    with run or nullcontext():
         try:
             root = locate_data(data)
-            info = dict(settings=s, settings_version=SETTINGS_VERSION, data=str(root), versions=versions())
+            info = dict(settings=s, settings_version=SETTINGS_VERSION, data=str(root), versions=versions(),
+                        world_size=world_size())
             return _fit(s, root, run, info, None, precision_cbs, cbs=cbs, quiet=quiet)
         except BaseException:
             # Bad data (or Ctrl-C) before the first file was written leaves no empty folder behind.
-            if made and not run.held_files(): shutil.rmtree(run.path, ignore_errors=True)
+            if run and made and not run.held_files(): shutil.rmtree(run.path, ignore_errors=True)
             raise
+
+
+def _refuse_held(run, force):
+    held = run.held_files()
+    if held and not force:
+        run.unlock()
+        raise CifarFastaiError(f'out: {run.path} holds another run ({", ".join(held)}); '
+                               f'continue it with --resume {run.path} or overwrite it with --force')
+    return run
 
 
 def resume_run(out, data=None, cbs=(), quiet=False):
     "Continue the run in `out` from its last complete epoch, with its own settings; every file checked first."
-    if not Path(out).expanduser().is_dir(): raise CifarFastaiError(f'resume: {out} is not a folder')
-    with RunFolder(out).lock() as run: return _resume(run, data, cbs, quiet)
+    def claim():
+        if not Path(out).expanduser().is_dir(): raise CifarFastaiError(f'resume: {out} is not a folder')
+        return RunFolder(out).lock()
+    run = on_main(claim)
+    with run or nullcontext():
+        # rank 0 reads and repairs the folder; the other ranks (on other machines, perhaps) get what it found.
+        info, ckpt = on_main(lambda: _checked_resume(run), share=True)
+        s = info['settings']
+        return _fit(s, locate_data(data or info['data']), run, info, ckpt, precision_callbacks(s['precision']),
+                    cbs=cbs, quiet=quiet)
 
 
-def _resume(run, data, cbs, quiet):
+def _checked_resume(run):
+    "The run's info and checkpoint, checked; history.csv and config.json rewritten from them."
     if (run / 'learner.pkl').exists(): raise CifarFastaiError(f'resume: the run in {run.path} has already finished')
     ckpt = _read_checkpoint(run)
     info = _reconcile_config(run, ckpt)
-    s = info['settings']
-    precision_cbs = precision_callbacks(s['precision'])
+    ran_on = ckpt.get('world_size', 1)
+    if ran_on != world_size():
+        raise CifarFastaiError(f'resume: {run.path} was trained by {ran_on} process(es); resume it with the same '
+                               f'number (torchrun --nproc_per_node {ran_on} ...), not {world_size()}')
+    precision_callbacks(info['settings']['precision'])
     rows = _history_rows(run, ckpt)
     # The checkpoint is the authority: history.csv and config.json are rewritten from it (lost, truncated or
     # a row ahead of it after a kill between the two writes).
@@ -99,7 +129,7 @@ def _resume(run, data, cbs, quiet):
     run.write('history.csv', _history_frame(rows).to_csv(index=False))
     run.write('config.json', json.dumps(info, indent=2))
     ckpt['history'] = rows
-    return _fit(s, locate_data(data or info['data']), run, info, ckpt, precision_cbs, cbs=cbs, quiet=quiet)
+    return info, ckpt
 
 
 def _read_checkpoint(run):
@@ -135,7 +165,8 @@ def _reconcile_config(run, ckpt):
     data = cfg.get('data', ckpt.get('data'))
     if not isinstance(data, str): raise CifarFastaiError(f'resume: {path} names no data folder')
     # Only what a run records: keys added to config.json by hand go no further.
-    return dict(settings=s, settings_version=SETTINGS_VERSION, data=data, versions=cfg.get('versions', {}))
+    return dict(settings=s, settings_version=SETTINGS_VERSION, data=data, versions=cfg.get('versions', {}),
+                world_size=ckpt.get('world_size', 1))
 
 
 def _history_rows(run, ckpt):
@@ -161,31 +192,42 @@ def _history_frame(rows): return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
 
 
 def _fit(s, root, run, info, ckpt, precision_cbs, cbs=(), quiet=False):
-    set_seed(s['seed'], reproducible=True)
-    learn = build_learner(s, root, path=run.path)  # reads and checks every image before out is written
-    if quiet: silence(learn)
-    if not ckpt:
+    "Train; `run` is None on the ranks of a distributed run that write nothing (all but rank 0)."
+    set_seed(s['seed'] + rank(), reproducible=True)  # each rank its own augmentations; rank 0 as a lone run
+    learn = build_learner(s, root, path=run.path if run else '.')  # reads and checks every image before out is written
+    if quiet or not run: silence(learn)
+    if run and not ckpt:
         run.clear()  # --force
         run.write('config.json', json.dumps(info, indent=2))
     aug = aug_transform(learn)
     history = HistoryCSV(run, rows=ckpt['history'] if ckpt else (), echo=not (quiet or sys.stdout.isatty()))
-    cbs = [history, Checkpoint(run, aug, run_info=info), StopOnSigterm(), *precision_cbs, *cbs]
+    cbs = [history, Checkpoint(run, aug, run_info=info), StopOnSigterm(), *precision_cbs, *distributed_callbacks(),
+           *cbs]
     if s['ema']: cbs.append(WeightAveraging(s['ema']))
     if ckpt: cbs.append(ResumeFromCheckpoint(ckpt, aug))
     sigterm = signal.getsignal(signal.SIGTERM)  # StopOnSigterm replaces it for the fit; back however it ends
     try:
-        if ckpt and ckpt['epoch'] >= s['epochs']:  # killed after the last epoch, before the export
-            averaged = ckpt.get('callbacks', {}).get('WeightAveraging')
-            learn.model.load_state_dict(WeightAveraging.averaged_weights(averaged) if averaged else ckpt['model'])
-        elif s['schedule'] == 'step':
-            learn.fit(s['epochs'], s['lr'], cbs=cbs + [StepLRScheduler(s['step_size'], s['gamma'])])
-        else:
-            learn.fit_one_cycle(s['epochs'], s['lr'], cbs=cbs)
+        with training_ctx(learn, s['sync_bn']):
+            if ckpt and ckpt['epoch'] >= s['epochs']:  # killed after the last epoch, before the export
+                averaged = ckpt.get('callbacks', {}).get('WeightAveraging')
+                learn.model.load_state_dict(WeightAveraging.averaged_weights(averaged) if averaged else ckpt['model'])
+            elif s['schedule'] == 'step':
+                learn.fit(s['epochs'], s['lr'], cbs=cbs + [StepLRScheduler(s['step_size'], s['gamma'])])
+            else:
+                learn.fit_one_cycle(s['epochs'], s['lr'], cbs=cbs)
     except KeyboardInterrupt:
+        if not run: raise RunInterrupted(f'rank {rank()}: interrupted') from None
         where = ('no epoch had finished, start it again with --force' if run.checkpoint_epoch is None else
                  f'its checkpoint holds {run.checkpoint_epoch} epochs: continue with cifar-fastai fit --resume {run.path}')
         raise RunInterrupted(f'interrupted; {where}') from None
+    except Exception as e:
+        if not (launched() and is_lost_peer(e)): raise
+        where = '' if not run or run.checkpoint_epoch is None else \
+            f'; its checkpoint holds {run.checkpoint_epoch} epochs: continue with the same launch and fit --resume {run.path}'
+        raise RankFailed(f'rank {rank()}: another process of the run stopped or stopped answering '
+                         f'({peer_error_summary(e)}){where}') from None
     finally: signal.signal(signal.SIGTERM, sigterm)
+    if not run: return learn
     last = history.rows[-1]
     export_safetensors(learn, run, s, metrics=dict(epochs=int(last[0]) + 1, accuracy=float(last[3]),
                                                    valid_loss=float(last[2])))
