@@ -3,7 +3,6 @@ import json
 import shutil
 import signal
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +22,7 @@ from .distributed import (RankFailed, check_batch_split, distributed_callbacks, 
 from .errors import CifarFastaiError
 from .model import DilatedNet
 from .optim import sgd
-from .rundir import RunFolder, RunWriteError, writable_folder
+from .rundir import RunFolder, RunWriteError, held_by_rank0, writable_folder
 from .runtime import default_workers, precision_callbacks, quiet_when_logged, silence, versions
 
 __all__ = ['ResumableLearner', 'RunInterrupted', 'build_learner', 'fit_run', 'resume_run']
@@ -76,8 +75,7 @@ def fit_run(s, out, data=None, force=False, cbs=(), quiet=False):
     check_batch_split(s['bs'])
     made = not Path(out).expanduser().exists()
     # Before anything else: a second writer fails at once.
-    run = on_main(lambda: _refuse_held(RunFolder(writable_folder(out, parents=False)).lock(), force))
-    with run or nullcontext():
+    with held_by_rank0(lambda: _refuse_held(RunFolder(writable_folder(out, parents=False)).lock(), force)) as run:
         try:
             root = locate_data(data)
             info = dict(settings=s, settings_version=SETTINGS_VERSION, data=str(root), versions=versions(),
@@ -103,8 +101,7 @@ def resume_run(out, data=None, cbs=(), quiet=False):
     def claim():
         if not Path(out).expanduser().is_dir(): raise CifarFastaiError(f'resume: {out} is not a folder')
         return RunFolder(out).lock()
-    run = on_main(claim)
-    with run or nullcontext():
+    with held_by_rank0(claim) as run:
         # rank 0 reads and repairs the folder; the other ranks (on other machines, perhaps) get what it found.
         info, ckpt = on_main(lambda: _checked_resume(run), share=True)
         s = info['settings']
