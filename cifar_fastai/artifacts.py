@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 from fastai.learner import Learner, load_learner
-from fastai.vision.all import CrossEntropyLossFlat, Normalize, accuracy
+from fastai.vision.all import CrossEntropyLossFlat, accuracy
 
-from .data import inference_dataloaders
+from .data import inference_dataloaders, normalization
 from .errors import CifarFastaiError
 from .model import DilatedNet
 from .modelio import model_files, read_model, trained_precision
@@ -21,9 +21,8 @@ SHIPPED_MODEL = str(Path(__file__).parent / 'assets' / 'model.safetensors')
 
 def export_safetensors(learn, run, settings, metrics):
     "Into RunFolder `run`: weights as `model.safetensors`; architecture, classes, normalisation, config, metrics as `model.json`."
-    norm = next(t for t in learn.dls.after_batch.fs if isinstance(t, Normalize))
-    stats = norm.mean.flatten().tolist(), norm.std.flatten().tolist()
-    for name, data in model_files(learn.model, learn.dls.vocab, stats, settings, metrics).items(): run.write(name, data)
+    for name, data in model_files(learn.model, learn.dls.vocab, normalization(learn.dls), settings, metrics).items():
+        run.write(name, data)
 
 
 def load_for_inference(path, cpu=True):

@@ -1,6 +1,5 @@
-"Callbacks fastai lacks: the spec's StepLR, per-epoch history, CPU autocast, flip TTA, memory trimming, checkpoints."
+"Callbacks fastai lacks: the spec's StepLR, per-epoch history, CPU autocast, memory trimming, checkpoints."
 import ctypes
-import math
 import signal
 import time
 
@@ -14,7 +13,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from .distributed import bare_model, gathered, inner_loader, rank
 from .plots import curves_png
 
-__all__ = ['StepLRScheduler', 'CPUAutocast', 'FlipTTA', 'ReturnFreedMemory', 'HistoryCSV', 'Checkpoint',
+__all__ = ['StepLRScheduler', 'CPUAutocast', 'ReturnFreedMemory', 'HistoryCSV', 'Checkpoint',
            'ResumeFromCheckpoint', 'StopOnSigterm', 'WeightAveraging', 'HISTORY_COLUMNS']
 
 HISTORY_COLUMNS = ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'lr', 'seconds']
@@ -41,18 +40,6 @@ class CPUAutocast(Callback):
         # Leave autocast once the forward is done: the loss runs in fp32, and predictions have no loss step.
         self.ctx.__exit__(None, None, None)
         self.learn.pred = to_float(self.pred)
-
-
-class FlipTTA(Callback):
-    "Test-time augmentation: predict each image and its mirror image, and average the two probabilities."
-    order = CPUAutocast.order - 1  # the second forward runs inside autocast, like the first
-
-    def after_pred(self):
-        if self.training: return
-        both = torch.stack([self.pred.float(), self.model(self.xb[0].flip(-1)).float()]).log_softmax(-1)
-        # log of the mean probability: valid logits (their softmax is that mean), so losses, metrics,
-        # get_preds and ClassificationInterpretation all see the averaged prediction.
-        self.learn.pred = both.logsumexp(0) - math.log(2)
 
 
 class ReturnFreedMemory(Callback):

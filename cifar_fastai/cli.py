@@ -10,7 +10,7 @@ from typing import Annotated
 from fastcore.meta import delegates
 from fastcore.script import anno_parser, bool_arg
 
-from .config import DEFAULTS, PRECISIONS, SCHEDULES, resolve_settings
+from .config import DEFAULTS, PRECISIONS, SCHEDULES, TTA_VIEWS, resolve_settings
 from .errors import CifarFastaiError
 
 __all__ = ['main']
@@ -25,7 +25,9 @@ def _d(k): return f'(default: {DEFAULTS[k]})'
 
 
 DATA_HELP = 'CIFAR-10 folder (train/, test/) or .tgz of one; default $CIFAR_FASTAI_DATA, else download'
-TTA_HELP = "Average each image's prediction with its mirror image's (flip test-time augmentation)"
+TTA_HELP = ("Test-time augmentation: average each image's probabilities over a set of views: flip (it and its "
+            "mirror image), flip-shift1 (both, and both moved 1 px up-left and down-right: 6 views); --tta alone: flip")
+TTA_ARG = {'choices': list(TTA_VIEWS), 'nargs': '?', 'const': 'flip', 'metavar': 'VIEWS'}
 PRECISION_HELP = 'bf16: autocast on the CPU, mixed precision on CUDA ' + _d('precision')
 
 
@@ -53,6 +55,12 @@ def _settings(
                               + _d('ema')] = None,
         pad_crop: Annotated[int, 'Reflect-pad by this many pixels, then crop 32x32 at random; 0: none '
                                  + _d('pad_crop')] = None,
+        teacher: Annotated[str, 'Distil from these trained models (model.safetensors of this network), their soft '
+                                'predictions averaged; the trained model stays the seed\'s network', {'nargs': '+'}] = None,
+        distill_weight: Annotated[float, 'Distillation: weight of the teachers\' targets against the labels\' '
+                                         + _d('distill_weight')] = None,
+        distill_temperature: Annotated[float, 'Distillation: temperature softening both predictions '
+                                              + _d('distill_temperature')] = None,
         sync_bn: Annotated[bool_arg, 'Under torchrun on GPUs: batch-norm statistics over all processes (SyncBatchNorm); '
                                      'CPU runs keep plain BatchNorm ' + _d('sync_bn')] = None):
     "The settings every training-like command shares (see config.DEFAULTS)."
@@ -117,7 +125,7 @@ def evaluate(model: Annotated[str, 'learner.pkl, or model.safetensors with model
                                  'current folder for the shipped model or a folder we cannot write in)'] = None,
              precision: Annotated[str, 'Default: the precision the model was trained in (model.json), else fp32',
                                   {'choices': PRECISIONS}] = None,
-             tta: Annotated[bool, TTA_HELP + '; its files are named *_tta'] = False,
+             tta: Annotated[str, TTA_HELP + '. Its files are named *_tta-VIEWS', TTA_ARG] = None,
              cpu: Annotated[bool, 'Run on the CPU even when a GPU is there (always, without one)'] = False):
     "Accuracy of a trained model on the whole test set, per-class table, confusion matrix and top losses."
     from .artifacts import load_for_inference, trained_precision
@@ -125,6 +133,7 @@ def evaluate(model: Annotated[str, 'learner.pkl, or model.safetensors with model
     from .interpret import evaluate_learner
     from .rundir import writable_folder
     from .runtime import inference_callbacks, precision_available, quiet_when_logged
+    from .tta import describe_views
     out = writable_folder(out) if out else _evaluation_folder(model)  # before minutes of work, not after
     learn = quiet_when_logged(load_for_inference(model, cpu))
     root = locate_data(data)
@@ -137,11 +146,11 @@ def evaluate(model: Annotated[str, 'learner.pkl, or model.safetensors with model
             print(f'cifar-fastai: the model was trained in {precision}, which this machine does not run; '
                   'evaluating in fp32', file=sys.stderr)
             precision = 'fp32'
-    suffix = '_tta' if tta else ''
+    suffix = f'_tta-{tta}' if tta else ''
     acc, table = evaluate_learner(learn, test, out, cbs=inference_callbacks(learn, precision, tta), suffix=suffix)
     print(table.to_string(float_format=lambda v: f'{v:.4f}'))
     print(f'accuracy: {acc:.4f} ({int(table.correct.sum())}/{int(table.images.sum())} test images, {precision}'
-          f'{", flip TTA" if tta else ""})')
+          f'{", " + describe_views(tta) if tta else ""})')
     print('written: ' + ', '.join(str(out / f'{name}{suffix}{ext}') for name, ext in
                                   (('per_class', '.csv'), ('confusion_matrix', '.png'), ('top_losses', '.png'))))
 
@@ -151,7 +160,7 @@ def predict(paths: Annotated[str, '[MODEL] IMAGE_OR_FOLDER...: MODEL is a learne
             format: Annotated[str, 'Output format', {'choices': ('text', 'csv', 'json')}] = 'text',
             top_k: Annotated[int, 'Show the K most likely classes'] = 1,
             bs: Annotated[int, 'Images per batch'] = 128,
-            tta: Annotated[bool, TTA_HELP] = False,
+            tta: Annotated[str, TTA_HELP, TTA_ARG] = None,
             cpu: Annotated[bool, 'Run on the CPU even when a GPU is there (always, without one)'] = False):
     "Predict the class of image files (any size or mode: converted to 32x32 RGB), in batches."
     from .artifacts import MODEL_SUFFIXES, SHIPPED_MODEL, load_for_inference

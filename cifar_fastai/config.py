@@ -4,11 +4,23 @@ from pathlib import Path
 
 from .errors import CifarFastaiError
 
-__all__ = ['DEFAULTS', 'SCHEDULES', 'PRECISIONS', 'SETTINGS_VERSION', 'ADDED_SETTINGS', 'read_config',
+__all__ = ['DEFAULTS', 'SCHEDULES', 'PRECISIONS', 'TTA_VIEWS', 'SETTINGS_VERSION', 'ADDED_SETTINGS', 'read_config',
            'resolve_settings', 'upgrade_settings', 'check_settings']
 
 SCHEDULES = ('step', 'one-cycle')
 PRECISIONS = ('fp32', 'bf16', 'fp16')
+
+# Test-time augmentation's named view sets (evaluate and predict --tta; see tta.py). A view is (mirrored, dy, dx):
+# the image flipped left-right or not, then its content moved dy pixels down and dx right, the uncovered border
+# filled by reflection (as pad-and-crop training fills it).
+_FLIPS = (False, True)
+TTA_VIEWS = {
+    'flip': [(f, 0, 0) for f in _FLIPS],
+    # airbench's translate TTA (cifar10-airbench, infer_mirror_translate), views weighted alike here: the mirror
+    # pair as it is and moved one pixel up-left and down-right. Measured (experiments/tta_views.py): better than
+    # moves along the axes or by 2 pixels, and within 0.1 point of all 18 one-pixel moves of the pair.
+    'flip-shift1': [(f, d, d) for f in _FLIPS for d in (0, -1, 1)],
+}
 
 DEFAULTS = dict(
     # The seed's recipe: SGD with momentum, StepLR(step_size=15, gamma=0.1), 50 epochs.
@@ -26,6 +38,9 @@ DEFAULTS = dict(
     ema=0.0,                              # decay of an exponential moving average of the weights (0: none); the
                                           # average is what is validated each epoch, exported and shipped
     pad_crop=0,                           # reflect-pad by this many pixels and crop 32x32 at random (0: none)
+    teacher=[],                           # distillation: trained models (model.safetensors) whose averaged soft
+    distill_weight=0.5,                   # predictions are extra targets, with this weight against the labels'
+    distill_temperature=4.0,              # loss, both softened by this temperature (distill.py); []: no teacher
     # Runs over several processes (torchrun): batch-norm statistics over the global batch (SyncBatchNorm) on
     # GPUs; CPU runs keep plain BatchNorm, each process's statistics over its share (SyncBatchNorm needs CUDA).
     sync_bn=True,
@@ -34,14 +49,15 @@ DEFAULTS = dict(
 # The settings' version, recorded in every run's config.json and checkpoint. A setting added later goes into
 # ADDED_SETTINGS under the version that introduced it, with the value that reproduces what runs did before it
 # existed: an older run then resumes exactly as it started (its config lacks the setting).
-SETTINGS_VERSION = 3
-ADDED_SETTINGS = {2: dict(nesterov=False, ema=0.0, pad_crop=0), 3: dict(sync_bn=True)}  # version -> {setting: value older runs behaved as}
+SETTINGS_VERSION = 4
+ADDED_SETTINGS = {2: dict(nesterov=False, ema=0.0, pad_crop=0), 3: dict(sync_bn=True),
+                  4: dict(teacher=[], distill_weight=0.5, distill_temperature=4.0)}  # version -> {setting: value older runs behaved as}
 
-_POSITIVE = ('epochs', 'bs', 'lr', 'step_size', 'cutout_size')
+_POSITIVE = ('epochs', 'bs', 'lr', 'step_size', 'cutout_size', 'distill_temperature')
 _NON_NEGATIVE = ('wd', 'momentum', 'dropout', 'label_smoothing', 'shift_limit', 'scale_limit', 'rotate_limit',
                  'brightness', 'contrast', 'saturation', 'hue', 'ema', 'pad_crop')
 _PROBABILITIES = ('dropout', 'label_smoothing', 'shift_scale_rotate_p', 'flip_p', 'color_jitter_p', 'cutout_p',
-                  'gamma')
+                  'gamma', 'distill_weight')
 _INTS = ('epochs', 'bs', 'step_size', 'seed', 'workers', 'train_size', 'valid_size', 'cutout_size', 'pad_crop')
 
 
@@ -100,6 +116,8 @@ def check_settings(s, source=''):
     for k in ('nesterov', 'sync_bn'):
         if not isinstance(s[k], bool): bad(k, 'true or false')
     if s['pad_crop'] > 16: bad('pad_crop', 'at most 16 pixels')
+    if not (isinstance(s['teacher'], list) and all(isinstance(p, str) and p for p in s['teacher'])):
+        bad('teacher', 'a list of model file paths')
     for k in ('workers', 'train_size', 'valid_size'):
         if s[k] is not None and s[k] < (0 if k == 'workers' else 1): bad(k, 'positive' if k != 'workers' else '0 or more')
     if s['schedule'] not in SCHEDULES: bad('schedule', f'one of {", ".join(SCHEDULES)}')

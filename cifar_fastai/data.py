@@ -18,7 +18,7 @@ from .config import DEFAULTS
 from .errors import CifarFastaiError
 from .modelio import MAX_CLASS_NAME, MAX_CLASSES
 
-__all__ = ['locate_data', 'download_cifar', 'cifar_files', 'balanced_subset', 'load_rgb32', 'UNREADABLE', 'MAX_PIXELS',
+__all__ = ['normalization', 'locate_data', 'download_cifar', 'cifar_files', 'balanced_subset', 'load_rgb32', 'UNREADABLE', 'MAX_PIXELS',
            'DecodedImages', 'SharedLabelTensors', 'cifar_datablock', 'cifar_dataloaders', 'inference_dataloaders']
 
 IMAGE_SIZE = 32
@@ -218,6 +218,12 @@ def cifar_dataloaders(root, s):
     if len(dls.train) == 0:  # fastai drops the last partial training batch
         raise CifarFastaiError(f'data: {len(dls.train_ds)} training images make no full batch of --bs {s["bs"]}')
     return dls
+
+
+def normalization(dls):
+    "The (mean, std) per channel, as lists, that `dls` normalise images with."
+    norm = next(t for t in dls.after_batch.fs if isinstance(t, Normalize))
+    return norm.mean.flatten().tolist(), norm.std.flatten().tolist()
 
 
 def inference_dataloaders(vocab, stats, bs=128, device=None):

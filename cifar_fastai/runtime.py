@@ -11,8 +11,9 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import ProgressCallback
 from fastcore.basics import noop
 
-from .callbacks import CPUAutocast, FlipTTA
+from .callbacks import CPUAutocast
 from .errors import CifarFastaiError
+from .tta import ViewsTTA
 
 __all__ = ['default_workers', 'use_cuda', 'channels_last_helps', 'cpu_has_bf16', 'precision_available',
            'autocast_callbacks', 'precision_callbacks', 'inference_callbacks', 'quiet_when_logged', 'silence',
@@ -58,10 +59,11 @@ def precision_callbacks(precision):
     return ([ChannelsLast()] if channels_last_helps(precision) else []) + autocast_callbacks(precision)
 
 
-def inference_callbacks(learn, precision, tta=False):
-    "Put an inference learner's model in the fastest memory format for `precision`; its callbacks (autocast, TTA)."
+def inference_callbacks(learn, precision, tta=None):
+    """Put an inference learner's model in the fastest memory format for `precision`; its callbacks: autocast, and
+    test-time augmentation over the views named `tta` (a key of tta.TTA_VIEWS), if any."""
     if channels_last_helps(precision): learn.model.to(memory_format=torch.channels_last)
-    return autocast_callbacks(precision) + ([FlipTTA()] if tta else [])
+    return autocast_callbacks(precision) + ([ViewsTTA(tta)] if tta else [])
 
 
 def cpu_name():

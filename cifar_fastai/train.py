@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 from fastai.callback.core import CancelEpochException
 from fastai.metrics import AccumMetric
+from fastai.callback.channelslast import ChannelsLast
 from fastai.vision.all import CrossEntropyLossFlat, Learner, accuracy, set_seed
 
 from .artifacts import export_safetensors
@@ -16,7 +17,8 @@ from .augment import AlbumentationsTransform
 from .callbacks import (HISTORY_COLUMNS, Checkpoint, HistoryCSV, ResumeFromCheckpoint, ReturnFreedMemory, StepLRScheduler,
                         StopOnSigterm, WeightAveraging)
 from .config import SETTINGS_VERSION, upgrade_settings
-from .data import cifar_dataloaders, locate_data
+from .data import cifar_dataloaders, locate_data, normalization
+from .distill import Distillation, load_teachers
 from .distributed import (RankFailed, check_batch_split, distributed_callbacks, is_lost_peer, launched, on_main,
                           peer_error_summary, rank, training_ctx, world_size)
 from .errors import CifarFastaiError
@@ -192,6 +194,7 @@ def _fit(s, root, run, info, ckpt, precision_cbs, cbs=(), quiet=False):
     "Train; `run` is None on the ranks of a distributed run that write nothing (all but rank 0)."
     set_seed(s['seed'] + rank(), reproducible=True)  # each rank its own augmentations; rank 0 as a lone run
     learn = build_learner(s, root, path=run.path if run else '.')  # reads and checks every image before out is written
+    distill = _distillation(s, learn, precision_cbs)  # and every teacher
     if quiet or not run: silence(learn)
     if run and not ckpt:
         run.clear()  # --force
@@ -200,6 +203,7 @@ def _fit(s, root, run, info, ckpt, precision_cbs, cbs=(), quiet=False):
     history = HistoryCSV(run, rows=ckpt['history'] if ckpt else (), echo=not (quiet or sys.stdout.isatty()))
     cbs = [history, Checkpoint(run, aug, run_info=info), StopOnSigterm(), *precision_cbs, *distributed_callbacks(),
            *cbs]
+    if distill: cbs.append(distill)
     if s['ema']: cbs.append(WeightAveraging(s['ema']))
     if ckpt: cbs.append(ResumeFromCheckpoint(ckpt, aug))
     sigterm = signal.getsignal(signal.SIGTERM)  # StopOnSigterm replaces it for the fit; back however it ends
@@ -230,6 +234,15 @@ def _fit(s, root, run, info, ckpt, precision_cbs, cbs=(), quiet=False):
                                                    valid_loss=float(last[2])))
     _export_learner(learn, run)  # last: its presence marks a finished run
     return learn
+
+
+def _distillation(s, learn, precision_cbs):
+    "The Distillation callback for the run's teachers, if it has any, each checked against the student's data."
+    if not s['teacher']: return None
+    teachers = load_teachers(s['teacher'], learn.dls.vocab, normalization(learn.dls))
+    channels_last = any(isinstance(c, ChannelsLast) for c in precision_cbs)
+    return Distillation(teachers, s['distill_weight'], s['distill_temperature'],
+                        torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _export_learner(learn, run):

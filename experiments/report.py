@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from cifar_fastai.cli import _settings
-from cifar_fastai.config import DEFAULTS, resolve_settings
+from cifar_fastai.config import DEFAULTS, TTA_VIEWS, resolve_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'experiments' / 'results'
@@ -27,16 +27,18 @@ def results_table(results=RESULTS):
         status = f'{len(h)}/{s["epochs"]}' + ('' if len(h) == s['epochs'] else ' (running)')
         rows.append({'run': f'[{run.name}](experiments/results/{run.name})', 'schedule': f'{schedule}, lr {s["lr"]}',
                      'epochs': status, 'test accuracy': f'{h.accuracy.iloc[-1]:.2%}',
-                     'best': f'{h.accuracy.max():.2%}', 'with flip TTA': tta_accuracy(run), 'training time': f'{h.seconds.sum() / 60:.1f} min',
+                     'best': f'{h.accuracy.max():.2%}',
+                     **{f'{views} TTA': tta_accuracy(run, views) for views in TTA_VIEWS},
+                     'training time': f'{h.seconds.sum() / 60:.1f} min',
                      'median epoch': f'{h.seconds.median():.0f} s',
                      'precision': s['precision'], 'machine': cfg['versions'].get('device', 'not recorded'),
                      'command': f'`{command(s)}`'})
     return markdown(pd.DataFrame(rows)) if rows else '(no runs yet)'
 
 
-def tta_accuracy(run):
-    "Accuracy from `cifar-fastai evaluate RUN/model.safetensors --tta`, when it has been run."
-    table = run / 'per_class_tta.csv'
+def tta_accuracy(run, views):
+    "Accuracy from `cifar-fastai evaluate RUN/model.safetensors --tta VIEWS`, when it has been run."
+    table = run / f'per_class_tta-{views}.csv'
     if not table.exists(): return ''
     t = pd.read_csv(table)
     return f'{t.correct.sum() / t.images.sum():.2%}'
@@ -52,9 +54,20 @@ def command(settings, configs=None):
     config, base = min(candidates, key=lambda c: (len(differences(c[1])), c[0] is None))
     changed = differences(base)
     cmd = ' '.join(['cifar-fastai fit', *([f'--config {config}'] if config else []), '--data PATH',
-                    *(f'--{k.replace("_", "-")} {v}' for k, v in changed.items() if k in flags)])
+                    *(f'--{k.replace("_", "-")} {" ".join(v) if isinstance(v, list) else v}'
+                      for k, v in changed.items() if k in flags)])
     rest = ', '.join(f'{k} = {v!r}' for k, v in changed.items() if k not in flags)
     return cmd + (f'` with, in a --config file: `{rest}' if rest else '')
+
+
+def tta_table(results=RESULTS):
+    "Accuracy of each view set (rows) for each model measured by experiments/tta_views.py (columns)."
+    found = {p.stem: pd.read_csv(p) for p in sorted((results / 'tta').glob('*.csv')) if not p.stem.endswith('-single-views')}
+    if not found: return '(no TTA measurements committed yet)'
+    table = next(iter(found.values()))[['views', 'n_views']].rename(columns={'n_views': 'views per image'})
+    for model, t in found.items():
+        table[model] = table.views.map(t.set_index('views').accuracy).map(lambda a: f'{a:.2%}')
+    return markdown(table)
 
 
 def sweeps_table(results=RESULTS):
@@ -100,4 +113,5 @@ if __name__ == '__main__':
     readme = ROOT / 'README.md'
     text = replace(readme.read_text(), 'results', results_table())
     text = replace(text, 'sweeps', sweeps_table())
+    text = replace(text, 'tta', tta_table())
     readme.write_text(replace(text, 'bench', bench_table()))

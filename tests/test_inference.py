@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar_fastai.callbacks import FlipTTA
 from cifar_fastai.cli import main
-from cifar_fastai.config import resolve_settings
+from cifar_fastai.config import TTA_VIEWS, resolve_settings
 from cifar_fastai.data import cifar_files
 from cifar_fastai.train import fit_run
+from cifar_fastai.tta import ViewsTTA, view
 from conftest import make_cifar
 
 
@@ -203,25 +203,60 @@ def test_predict_without_a_model_uses_the_shipped_one(capsys, tmp_path):
     assert all(p.split()[0] in meta['classes'] for p in preds.split(', '))
 
 
-def test_flip_tta_averages_the_probabilities_of_each_image_and_its_mirror(capsys, tmp_path, trained):
+def moved(x, dy, dx):
+    "x with its content moved dy pixels down and dx right, borders mirrored (reflect), by explicit indexing."
+    def source(n, d):
+        i = (torch.arange(n) - d).abs()  # -1 -> 1: reflection about the first pixel
+        return torch.where(i > n - 1, 2 * (n - 1) - i, i)  # n -> n - 2: about the last
+    return x[..., source(x.shape[-2], dy), :][..., source(x.shape[-1], dx)]
+
+
+@pytest.mark.parametrize('views, args', [('flip', ['--tta']), ('flip-shift1', ['--tta', 'flip-shift1'])])
+def test_tta_averages_the_probabilities_of_each_image_over_its_views(capsys, tmp_path, trained, views, args):
     learn, run, root = trained
-    code, out, _ = run_main(capsys, 'evaluate', run / 'model.safetensors', '--data', root, '--out', tmp_path, '--tta')
-    assert code == 0 and 'flip TTA' in out
+    code, out, _ = run_main(capsys, 'evaluate', run / 'model.safetensors', '--data', root, '--out', tmp_path, *args)
+    n_views = {'flip': 2, 'flip-shift1': 6}[views]
+    assert code == 0 and f'{views} TTA, {n_views} views' in out
     assert not (tmp_path / 'per_class.csv').exists()  # a TTA evaluation never overwrites the plain one
-    table = pd.read_csv(tmp_path / 'per_class_tta.csv')
-    # The same numbers by hand: the model on every test image and on its mirror image, probabilities averaged.
+    table = pd.read_csv(tmp_path / f'per_class_tta-{views}.csv')
+    # The same numbers by hand: the model on every view of every test image, probabilities averaged.
     _, test, _ = cifar_files(root)
     x, y = learn.dls.test_dl(test, with_labels=True, bs=len(test)).one_batch()
+    shifts = [(0, 0)] if views == 'flip' else [(0, 0), (-1, -1), (1, 1)]
     learn.model.eval()
     with torch.no_grad():
-        probs = (learn.model(x).softmax(1) + learn.model(x.flip(-1)).softmax(1)) / 2
+        probs = torch.stack([learn.model(moved(im, dy, dx)).softmax(1)
+                             for im in (x, x.flip(-1)) for dy, dx in shifts]).mean(0)
     by_hand = (probs.argmax(1) == y).float().mean().item()
     printed = float(re.search(r'accuracy: ([0-9.]+)', out).group(1))
     assert printed == pytest.approx(by_hand, abs=5e-5) == table.correct.sum() / table.images.sum()
-    for png in ('confusion_matrix_tta.png', 'top_losses_tta.png'): assert (tmp_path / png).stat().st_size > 0
-    with learn.added_cbs([FlipTTA()]), learn.no_bar():
+    for png in (f'confusion_matrix_tta-{views}.png', f'top_losses_tta-{views}.png'):
+        assert (tmp_path / png).stat().st_size > 0
+    with learn.added_cbs([ViewsTTA(views)]), learn.no_bar():
         tta_probs, _ = learn.get_preds(dl=learn.dls.test_dl(test, bs=7))
     assert torch.allclose(tta_probs, probs, atol=1e-5)
+
+
+def test_predict_with_tta_gives_each_file_the_probabilities_evaluate_averages(capsys, trained):
+    learn, run, root = trained
+    _, test, _ = cifar_files(root)
+    code, out, _ = run_main(capsys, 'predict', run / 'model.safetensors', *test, '--tta', 'flip-shift1',
+                            '--format', 'csv', '--top-k', 10)
+    rows = pd.read_csv(__import__('io').StringIO(out)).pivot(index='path', columns='class', values='probability')
+    with learn.added_cbs([ViewsTTA('flip-shift1')]), learn.no_bar():
+        probs, _ = learn.get_preds(dl=learn.dls.test_dl(test, bs=7))
+    expected = pd.DataFrame(probs.numpy(), index=[str(f) for f in test], columns=list(learn.dls.vocab))
+    assert code == 0 and np.allclose(rows.loc[expected.index, expected.columns], expected, atol=1e-5)
+    code, _, err = run_main(capsys, 'predict', run / 'model.safetensors', *test[:1], '--tta', 'rotations')
+    assert code == 2 and "invalid choice: 'rotations'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_tta_views_move_the_image_with_mirrored_borders():
+    x = torch.arange(2 * 3 * 5 * 4, dtype=torch.float).reshape(2, 3, 5, 4)
+    for mirrored, dy, dx in [v for views in TTA_VIEWS.values() for v in views] + [(False, 2, -2), (True, -2, 1)]:
+        expected = moved(x.flip(-1) if mirrored else x, dy, dx)
+        assert torch.equal(view(x, mirrored, dy, dx), expected), (mirrored, dy, dx)
+    assert torch.equal(view(x, False, 0, 1)[..., 1:], x[..., :-1])  # content moved one pixel right
 
 
 def test_evaluate_predicts_the_test_set_once_for_every_table_and_plot(capsys, monkeypatch, tmp_path, trained):

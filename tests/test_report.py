@@ -7,7 +7,7 @@ import pandas as pd
 from cifar_fastai.config import resolve_settings
 
 sys.path.insert(0, str(Path(__file__).parents[1] / 'experiments'))
-from report import command, results_table, sweeps_table  # noqa: E402
+from report import command, results_table, sweeps_table, tta_table  # noqa: E402
 
 
 def test_results_table_comes_from_the_run_files(tmp_path):
@@ -18,10 +18,10 @@ def test_results_table_comes_from_the_run_files(tmp_path):
     pd.DataFrame(dict(epoch=[0, 1], train_loss=1.0, valid_loss=1.0, accuracy=[0.5, 0.6125], lr=0.1,
                       seconds=[60.0, 60.0])).to_csv(run / 'history.csv', index=False)
     table = results_table(tmp_path)
-    assert '| 2/3 (running) | 61.25% | 61.25% |  | 2.0 min | 60 s | fp32 | CPU: test |' in table
-    # `evaluate --tta` wrote its per-class table: its accuracy joins the row.
-    pd.DataFrame(dict(images=[10, 10], correct=[6, 8])).to_csv(run / 'per_class_tta.csv')
-    assert '| 61.25% | 61.25% | 70.00% | 2.0 min |' in results_table(tmp_path)
+    assert '| 2/3 (running) | 61.25% | 61.25% |  |  | 2.0 min | 60 s | fp32 | CPU: test |' in table
+    # `evaluate --tta flip-shift1` wrote its per-class table: its accuracy joins the row, in its column.
+    pd.DataFrame(dict(images=[10, 10], correct=[6, 8])).to_csv(run / 'per_class_tta-flip-shift1.csv')
+    assert '| 61.25% | 61.25% |  | 70.00% | 2.0 min |' in results_table(tmp_path)
     assert command(s, configs=tmp_path) == ('cifar-fastai fit --data PATH --epochs 3 --lr 0.2 --schedule one-cycle'
                                             '` with, in a --config file: `cutout_p = 0.8')
     # A run made from an experiment config is named by it, with only what differs from it as flags.
@@ -40,3 +40,13 @@ def test_sweeps_table_comes_from_each_sweep_summary(tmp_path, monkeypatch):
     table = sweeps_table(tmp_path)
     assert '| lr 0.2 | 3 | 81.00% +- 0.40% | 80.50% - 81.50% | 12 |' in table
     assert '| lr 0.1 | 1 | 80.00% | 80.00% - 80.00% | 11 |' in table and 'sweeps/lr/sweep.png' in table
+
+
+def test_tta_table_has_a_column_per_measured_model(tmp_path):
+    (tmp_path / 'tta').mkdir()
+    for model, accs in (('a', [0.8, 0.81]), ('b', [0.7, 0.7125])):
+        pd.DataFrame(dict(views=['none', 'flip'], n_views=[1, 2], accuracy=accs)).to_csv(tmp_path / 'tta' / f'{model}.csv')
+    pd.DataFrame(dict(accuracy=[0.1])).to_csv(tmp_path / 'tta' / 'a-single-views.csv')
+    table = tta_table(tmp_path)
+    assert table.splitlines()[0] == '| views | views per image | a | b |'
+    assert '| flip | 2 | 81.00% | 71.25% |' in table

@@ -1,0 +1,61 @@
+"""Knowledge distillation: the seed's network (the student, which is trained, exported and shipped) learns from the
+labels and from the averaged, softened predictions of trained teachers on the same augmented batch."""
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback
+
+from .callbacks import CPUAutocast
+from .errors import CifarFastaiError
+from .modelio import read_model
+
+__all__ = ['load_teachers', 'Distillation']
+
+
+def load_teachers(paths, classes, stats):
+    "The teacher networks at `paths` (model.safetensors), checked to share the student's classes and normalisation."
+    teachers = []
+    for p in map(Path, paths):
+        p = p.expanduser()
+        # Pickle-free only: a teacher file runs no code, and read_model checks every field before building it.
+        if p.suffix != '.safetensors':
+            raise CifarFastaiError(f'teacher: {p} is not a model.safetensors (teachers are read without pickle)')
+        if not p.is_file(): raise CifarFastaiError(f'teacher: {p} does not exist')
+        model, meta = read_model(p)
+        if meta['classes'] != list(classes):
+            raise CifarFastaiError(f'teacher: {p} predicts classes {meta["classes"]}, the data has {list(classes)}')
+        theirs = meta['normalize']['mean'] + meta['normalize']['std']
+        if not all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(theirs, [*stats[0], *stats[1]])):
+            raise CifarFastaiError(f'teacher: {p} was trained on differently normalised images')
+        teachers.append(model)
+    return teachers
+
+
+class Distillation(Callback):
+    """Training loss = (1 - weight) x the labels' loss + weight x T^2 x KL(teachers || student), both softened by
+    temperature T (Hinton et al. 2015); the teachers' distribution is the mean of their softened probabilities.
+    Validation keeps the plain loss. history.csv's train_loss is this combined loss."""
+    # Gap filled: fastai has no distillation callback. The teachers see the very batch the student sees, after
+    # augmentation: precomputed predictions could only be of unaugmented images.
+    order = CPUAutocast.order - 1  # teachers' forwards inside the autocast of the student's, like TTA's views
+
+    def __init__(self, teachers, weight, temperature, memory_format=torch.contiguous_format):
+        self.teachers, self.weight, self.temperature, self.memory_format = teachers, weight, temperature, memory_format
+
+    def before_fit(self):
+        for t in self.teachers: t.to(self.dls.device, memory_format=self.memory_format).eval()
+
+    def after_pred(self):
+        if not self.training: return
+        with torch.no_grad():
+            soft = [(t(self.xb[0]).float() / self.temperature).log_softmax(-1) for t in self.teachers]
+        self.teacher_logp = torch.stack(soft).logsumexp(0) - math.log(len(soft))
+
+    def after_loss(self):
+        if not self.training: return
+        student = (self.pred.float() / self.temperature).log_softmax(-1)
+        kd = F.kl_div(student, self.teacher_logp, log_target=True, reduction='batchmean') * self.temperature ** 2
+        self.learn.loss_grad = (1 - self.weight) * self.loss_grad + self.weight * kd
+        self.learn.loss = self.loss_grad.clone()

@@ -1,0 +1,40 @@
+"""Test-time augmentation: each test image predicted in several views (mirror, small translations), their
+probabilities averaged. The named view sets are those experiments/tta_views.py measured (README, Results)."""
+import math
+
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback
+
+from .callbacks import CPUAutocast
+from .config import TTA_VIEWS
+
+__all__ = ['view', 'describe_views', 'ViewsTTA']
+
+
+def view(x, mirrored, dy, dx):
+    "Batch `x` (N, C, H, W) in one view: mirrored, then moved (dy, dx) pixels with reflected borders."
+    if mirrored: x = x.flip(-1)
+    if not (dy or dx): return x
+    p, (h, w) = max(abs(dy), abs(dx)), x.shape[-2:]
+    return F.pad(x, (p, p, p, p), mode='reflect')[..., p - dy:p - dy + h, p - dx:p - dx + w]
+
+
+def describe_views(name): return f'{name} TTA, {len(TTA_VIEWS[name])} views'
+
+
+class ViewsTTA(Callback):
+    "Predict every image in each view of the named set; the prediction is the log of their mean probability."
+    # fastai's Learner.tta averages random training-augmentation passes with a flipped one; these views are fixed,
+    # so evaluate and predict give the same answer every time, and they run in one pass over the data.
+    order = CPUAutocast.order - 1  # the extra forwards run inside autocast, like the first
+
+    def __init__(self, views='flip'): self.views = TTA_VIEWS[views]
+
+    def after_pred(self):
+        if self.training: return
+        x = self.xb[0]
+        preds = [self.pred.float() if v == (False, 0, 0) else self.model(view(x, *v)).float() for v in self.views]
+        # log of the mean probability: valid logits (their softmax is that mean), so losses, metrics,
+        # get_preds and ClassificationInterpretation all see the averaged prediction.
+        self.learn.pred = torch.stack(preds).log_softmax(-1).logsumexp(0) - math.log(len(preds))
