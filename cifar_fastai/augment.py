@@ -44,6 +44,12 @@ class AlbumentationsTransform(ItemTransform):
     def __init__(self, aug):
         super().__init__()
         self.aug, self._seeded_for = aug, None
+        self._appearance = {t: t.p for t in aug.transforms if isinstance(t, (A.ColorJitter, A.CoarseDropout))}
+
+    def set_light(self, light):
+        "Colour jitter and Cutout off (`light`), or back at their settings; the geometric transforms stay."
+        # Which epochs are light follows from the epoch number alone (LightFinish): a resumed run repeats them.
+        for t, p in self._appearance.items(): t.p = 0.0 if light else p
 
     def _reseed(self):
         # albumentations keeps its own generators, blind to fastai's set_seed and identical in every forked

@@ -13,7 +13,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from .distributed import bare_model, gathered, inner_loader, rank
 from .plots import curves_png
 
-__all__ = ['StepLRScheduler', 'CPUAutocast', 'ReturnFreedMemory', 'HistoryCSV', 'Checkpoint',
+__all__ = ['StepLRScheduler', 'CPUAutocast', 'LightFinish', 'ReturnFreedMemory', 'HistoryCSV', 'Checkpoint',
            'ResumeFromCheckpoint', 'StopOnSigterm', 'WeightAveraging', 'HISTORY_COLUMNS']
 
 HISTORY_COLUMNS = ['epoch', 'train_loss', 'valid_loss', 'accuracy', 'lr', 'seconds']
@@ -40,6 +40,15 @@ class CPUAutocast(Callback):
         # Leave autocast once the forward is done: the loss runs in fp32, and predictions have no loss step.
         self.ctx.__exit__(None, None, None)
         self.learn.pred = to_float(self.pred)
+
+
+class LightFinish(Callback):
+    "The last `n` epochs train without colour jitter and Cutout: the network finishes on images like the test set's."
+    order = 0
+
+    def __init__(self, aug_tfm, n): self.aug_tfm, self.n = aug_tfm, n
+    def before_epoch(self): self.aug_tfm.set_light(self.epoch >= self.n_epoch - self.n)
+    def after_fit(self): self.aug_tfm.set_light(False)
 
 
 class ReturnFreedMemory(Callback):

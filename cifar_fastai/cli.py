@@ -55,6 +55,7 @@ def _settings(
                               + _d('ema')] = None,
         pad_crop: Annotated[int, 'Reflect-pad by this many pixels, then crop 32x32 at random; 0: none '
                                  + _d('pad_crop')] = None,
+        light_epochs: Annotated[int, 'Train the last N epochs without colour jitter and Cutout ' + _d('light_epochs')] = None,
         teacher: Annotated[str, 'Distil from these trained models (model.safetensors of this network), their soft '
                                 'predictions averaged; the trained model stays the seed\'s network', {'nargs': '+'}] = None,
         distill_weight: Annotated[float, 'Distillation: weight of the teachers\' targets against the labels\' '

@@ -38,6 +38,7 @@ DEFAULTS = dict(
     ema=0.0,                              # decay of an exponential moving average of the weights (0: none); the
                                           # average is what is validated each epoch, exported and shipped
     pad_crop=0,                           # reflect-pad by this many pixels and crop 32x32 at random (0: none)
+    light_epochs=0,                       # the last this many epochs without colour jitter and Cutout
     teacher=[],                           # distillation: trained models (model.safetensors) whose averaged soft
     distill_weight=0.5,                   # predictions are extra targets, with this weight against the labels'
     distill_temperature=4.0,              # loss, both softened by this temperature (distill.py); []: no teacher
@@ -49,16 +50,17 @@ DEFAULTS = dict(
 # The settings' version, recorded in every run's config.json and checkpoint. A setting added later goes into
 # ADDED_SETTINGS under the version that introduced it, with the value that reproduces what runs did before it
 # existed: an older run then resumes exactly as it started (its config lacks the setting).
-SETTINGS_VERSION = 4
+SETTINGS_VERSION = 5
 ADDED_SETTINGS = {2: dict(nesterov=False, ema=0.0, pad_crop=0), 3: dict(sync_bn=True),
-                  4: dict(teacher=[], distill_weight=0.5, distill_temperature=4.0)}  # version -> {setting: value older runs behaved as}
+                  4: dict(teacher=[], distill_weight=0.5, distill_temperature=4.0), 5: dict(light_epochs=0)}  # version -> {setting: value older runs behaved as}
 
 _POSITIVE = ('epochs', 'bs', 'lr', 'step_size', 'cutout_size', 'distill_temperature')
 _NON_NEGATIVE = ('wd', 'momentum', 'dropout', 'label_smoothing', 'shift_limit', 'scale_limit', 'rotate_limit',
-                 'brightness', 'contrast', 'saturation', 'hue', 'ema', 'pad_crop')
+                 'brightness', 'contrast', 'saturation', 'hue', 'ema', 'pad_crop', 'light_epochs')
 _PROBABILITIES = ('dropout', 'label_smoothing', 'shift_scale_rotate_p', 'flip_p', 'color_jitter_p', 'cutout_p',
                   'gamma', 'distill_weight')
-_INTS = ('epochs', 'bs', 'step_size', 'seed', 'workers', 'train_size', 'valid_size', 'cutout_size', 'pad_crop')
+_INTS = ('epochs', 'bs', 'step_size', 'seed', 'workers', 'train_size', 'valid_size', 'cutout_size', 'pad_crop',
+         'light_epochs')
 
 
 def read_config(path):

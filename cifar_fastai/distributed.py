@@ -47,8 +47,8 @@ def launched(): return world_size() > 1
 
 def _threads_per_process():
     "This machine's cores shared evenly among the run's processes on it (torchrun's default of 1 wastes the rest)."
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', world_size())))
+    from .runtime import usable_cores  # here: runtime imports the callbacks, which import this module
+    return max(1, usable_cores() // int(os.environ.get('LOCAL_WORLD_SIZE', world_size())))
 
 
 @contextmanager

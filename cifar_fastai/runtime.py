@@ -15,15 +15,20 @@ from .callbacks import CPUAutocast
 from .errors import CifarFastaiError
 from .tta import ViewsTTA
 
-__all__ = ['default_workers', 'use_cuda', 'channels_last_helps', 'cpu_has_bf16', 'precision_available',
+__all__ = ['usable_cores', 'default_workers', 'use_cuda', 'channels_last_helps', 'cpu_has_bf16', 'precision_available',
            'autocast_callbacks', 'precision_callbacks', 'inference_callbacks', 'quiet_when_logged', 'silence',
            'versions']
+
+
+def usable_cores():
+    "The cores this process may run on: its CPU affinity (taskset, cgroups), which os.cpu_count() ignores."
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 def default_workers():
     # Measured (README, Speed): on 2 cores, worker processes only take CPU from torch's two threads, and the
     # main process interleaving augmentation with training is fastest. With more cores, workers run beside.
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     return 0 if cores <= 2 else min(4, cores // 2)
 
 

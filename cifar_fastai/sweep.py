@@ -23,6 +23,7 @@ from fastai.callback.core import Callback
 
 from .config import DEFAULTS, check_settings, resolve_settings
 from .errors import CifarFastaiError
+from .runtime import usable_cores
 
 __all__ = ['Spec', 'read_spec', 'plan', 'open_study', 'run_sweep', 'summarize', 'OptunaPruning']
 
@@ -387,8 +388,7 @@ def run_sweep(spec_path, out, data=None, jobs=1, storage=None, trials=None, stud
     st = make_storage(url)
     atomic_write(out / 'sweep.json', json.dumps(record, indent=2).encode())
     open_study(spec, st, name, trials)
-    cores = os.cpu_count() or 1
-    threads = max(1, cores // jobs)  # never more threads than cores
+    threads = max(1, usable_cores() // jobs)  # never more threads than cores (taskset -c 1: one)
     args = (str(spec.path), str(out), url, name, root, threads, trials)
     if jobs == 1: worker(*args)
     else:

@@ -14,8 +14,8 @@ from fastai.vision.all import CrossEntropyLossFlat, Learner, accuracy, set_seed
 
 from .artifacts import export_safetensors
 from .augment import AlbumentationsTransform
-from .callbacks import (HISTORY_COLUMNS, Checkpoint, HistoryCSV, ResumeFromCheckpoint, ReturnFreedMemory, StepLRScheduler,
-                        StopOnSigterm, WeightAveraging)
+from .callbacks import (HISTORY_COLUMNS, Checkpoint, HistoryCSV, LightFinish, ResumeFromCheckpoint, ReturnFreedMemory,
+                        StepLRScheduler, StopOnSigterm, WeightAveraging)
 from .config import SETTINGS_VERSION, upgrade_settings
 from .data import cifar_dataloaders, locate_data, normalization
 from .distill import Distillation, load_teachers
@@ -203,6 +203,7 @@ def _fit(s, root, run, info, ckpt, precision_cbs, cbs=(), quiet=False):
     history = HistoryCSV(run, rows=ckpt['history'] if ckpt else (), echo=not (quiet or sys.stdout.isatty()))
     cbs = [history, Checkpoint(run, aug, run_info=info), StopOnSigterm(), *precision_cbs, *distributed_callbacks(),
            *cbs]
+    if s['light_epochs']: cbs.append(LightFinish(aug, s['light_epochs']))
     if distill: cbs.append(distill)
     if s['ema']: cbs.append(WeightAveraging(s['ema']))
     if ckpt: cbs.append(ResumeFromCheckpoint(ckpt, aug))

@@ -1,16 +1,17 @@
-"Levers beyond the seed's recipe (issue 12): Nesterov momentum, an EMA of the weights, pad-and-crop."
+"Levers beyond the seed's recipe (issue 12): Nesterov momentum, an EMA of the weights, pad-and-crop, light last epochs."
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fastai.callback.core import Callback
 from safetensors.torch import load_file
 
-from cifar_fastai.augment import seed_augmentations
+from cifar_fastai.augment import AlbumentationsTransform, seed_augmentations
 from cifar_fastai.config import DEFAULTS, resolve_settings
 from cifar_fastai.optim import nesterov_sgd
-from cifar_fastai.train import fit_run, resume_run
+from cifar_fastai.train import RunInterrupted, fit_run, resume_run
 from conftest import make_cifar, stopped_run
 
 
@@ -98,3 +99,42 @@ def test_a_run_from_before_these_settings_resumes_as_it_ran(tmp_path, data):
     assert pd.read_csv(run / 'history.csv').drop(columns='seconds').equals(
         pd.read_csv(tmp_path / 'whole' / 'history.csv').drop(columns='seconds'))
     assert json.loads((run / 'config.json').read_text())['settings']['ema'] == 0.0
+
+
+def test_light_augmentation_turns_off_colour_jitter_and_cutout_only():
+    s = {**DEFAULTS, 'shift_scale_rotate_p': 0, 'flip_p': 1.0, 'color_jitter_p': 1.0, 'cutout_p': 1.0}
+    tfm = AlbumentationsTransform(seed_augmentations(s))
+    img = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    tfm.set_light(True)
+    assert np.array_equal(tfm((img, 0), split_idx=0)[0], img[:, ::-1])  # mirrored (flip stays), nothing else
+    tfm.set_light(False)
+    assert not np.array_equal(tfm((img, 0), split_idx=0)[0], img[:, ::-1])
+
+
+class AppearanceProbe(Callback):
+    "Each epoch's colour-jitter and Cutout probabilities, as the training batches see them."
+    order = 100
+    def before_fit(self): self.seen = []
+    def before_batch(self):
+        if self.training and self.iter == 0:
+            aug = next(t for t in self.dls.train.after_item.fs if isinstance(t, AlbumentationsTransform)).aug
+            self.seen.append([t.p for t in aug.transforms if type(t).__name__ in ('ColorJitter', 'CoarseDropout')])
+
+
+class StopAfter(Callback):
+    "Ctrl-C once `n` epochs are checkpointed (conftest.stopped_run's shorter run would move the light epochs)."
+    order = 100
+    def __init__(self, n): self.n = n
+    def after_epoch(self):
+        if self.epoch + 1 == self.n: raise KeyboardInterrupt
+
+
+def test_light_epochs_are_the_last_ones_and_a_resumed_run_repeats_them(tmp_path, data):
+    s = resolve_settings({'epochs': 4, 'bs': 4, 'workers': 0, 'light_epochs': 2, 'color_jitter_p': 0.4})
+    probe = AppearanceProbe()
+    fit_run(s, tmp_path / 'probed', data=str(data), cbs=[probe])
+    assert probe.seen == [[0.4, 0.5], [0.4, 0.5], [0.0, 0.0], [0.0, 0.0]]
+    with pytest.raises(RunInterrupted): fit_run(s, tmp_path / 'run', data=str(data), cbs=[StopAfter(3)])
+    resume_run(tmp_path / 'run')  # stopped inside the light epochs
+    assert pd.read_csv(tmp_path / 'run' / 'history.csv').drop(columns='seconds').equals(
+        pd.read_csv(tmp_path / 'probed' / 'history.csv').drop(columns='seconds'))
