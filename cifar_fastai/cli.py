@@ -36,10 +36,11 @@ def _settings(
         config: Annotated[str, 'Experiment TOML file (see experiments/); flags override it'] = None,
         epochs: Annotated[int, 'Epochs to train ' + _d('epochs')] = None,
         bs: Annotated[int, 'Batch size ' + _d('bs')] = None,
-        lr: Annotated[float, 'Learning rate; the maximum for one-cycle ' + _d('lr')] = None,
+        lr: Annotated[float, 'Learning rate; the maximum for one-cycle and linear ' + _d('lr')] = None,
         wd: Annotated[float, 'Weight decay (L2) ' + _d('wd')] = None,
         momentum: Annotated[float, 'SGD momentum ' + _d('momentum')] = None,
-        schedule: Annotated[str, 'step: SGD + StepLR (the spec); one-cycle: fastai fit_one_cycle ' + _d('schedule'),
+        schedule: Annotated[str, 'step: SGD + StepLR (the spec); one-cycle: fastai fit_one_cycle; linear: warm-up '
+                                 'as one-cycle, then straight down to 0 ' + _d('schedule'),
                             {'choices': SCHEDULES}] = None,
         step_size: Annotated[int, 'StepLR: epochs between lr drops ' + _d('step_size')] = None,
         gamma: Annotated[float, 'StepLR: lr multiplier at each drop ' + _d('gamma')] = None,

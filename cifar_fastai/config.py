@@ -7,7 +7,7 @@ from .errors import CifarFastaiError
 __all__ = ['DEFAULTS', 'SCHEDULES', 'PRECISIONS', 'TTA_VIEWS', 'SETTINGS_VERSION', 'ADDED_SETTINGS', 'read_config',
            'resolve_settings', 'upgrade_settings', 'check_settings']
 
-SCHEDULES = ('step', 'one-cycle')
+SCHEDULES = ('step', 'one-cycle', 'linear')
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 
 # Test-time augmentation's named view sets (evaluate and predict --tta; see tta.py). A view is (mirrored, dy, dx):

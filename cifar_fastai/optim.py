@@ -1,9 +1,10 @@
-"fastai's SGD, with the Nesterov step it lacks."
+"fastai's SGD, with the Nesterov step it lacks; the learning-rate schedules beside fastai's one-cycle."
 from functools import partial
 
+from fastai.callback.schedule import ParamScheduler, SchedLin, combine_scheds
 from fastai.optimizer import Optimizer, SGD, average_grad, l2_reg
 
-__all__ = ['nesterov_step', 'nesterov_sgd', 'sgd']
+__all__ = ['nesterov_step', 'nesterov_sgd', 'sgd', 'linear_to_zero']
 
 
 def nesterov_step(p, lr, mom, grad_avg, **kwargs):
@@ -20,3 +21,10 @@ def nesterov_sgd(params, lr, mom=0.9, wd=0.):
 def sgd(mom, nesterov=False):
     "The optimizer function for a Learner: L2 in the gradient, as torch.optim.SGD(weight_decay=...) in the seed."
     return partial(nesterov_sgd, mom=mom) if nesterov else partial(SGD, mom=mom, decouple_wd=False)
+
+
+def linear_to_zero(lr, warmup=0.25, div=25.):
+    "lr up linearly from lr/div over the first `warmup` of the iterations, then down linearly to 0; momentum fixed."
+    # As fit_one_cycle's warm-up (its pct_start and div), but a straight decay that ends at 0 (airbench's shape)
+    # where one-cycle's cosine ends at lr/div/1e5; fastai has the pieces (SchedLin), not this schedule.
+    return ParamScheduler({'lr': combine_scheds([warmup, 1 - warmup], [SchedLin(lr / div, lr), SchedLin(lr, 0.)])})

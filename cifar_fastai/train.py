@@ -23,7 +23,7 @@ from .distributed import (RankFailed, check_batch_split, distributed_callbacks, 
                           peer_error_summary, rank, training_ctx, world_size)
 from .errors import CifarFastaiError
 from .model import DilatedNet
-from .optim import sgd
+from .optim import linear_to_zero, sgd
 from .rundir import RunFolder, RunWriteError, held_by_rank0, writable_folder
 from .runtime import default_workers, precision_callbacks, quiet_when_logged, silence, versions
 
@@ -215,6 +215,8 @@ def _fit(s, root, run, info, ckpt, precision_cbs, cbs=(), quiet=False):
                 learn.model.load_state_dict(WeightAveraging.averaged_weights(averaged) if averaged else ckpt['model'])
             elif s['schedule'] == 'step':
                 learn.fit(s['epochs'], s['lr'], cbs=cbs + [StepLRScheduler(s['step_size'], s['gamma'])])
+            elif s['schedule'] == 'linear':
+                learn.fit(s['epochs'], s['lr'], cbs=cbs + [linear_to_zero(s['lr'])])
             else:
                 learn.fit_one_cycle(s['epochs'], s['lr'], cbs=cbs)
     except KeyboardInterrupt:

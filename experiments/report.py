@@ -23,7 +23,8 @@ def results_table(results=RESULTS):
         run = hist.parent
         cfg = json.loads((run / 'config.json').read_text())
         s, h = cfg['settings'], pd.read_csv(hist)
-        schedule = f'SGD + StepLR({s["step_size"]}, {s["gamma"]})' if s['schedule'] == 'step' else 'one-cycle (SGD)'
+        schedule = {'step': f'SGD + StepLR({s["step_size"]}, {s["gamma"]})', 'one-cycle': 'one-cycle (SGD)',
+                    'linear': 'linear to 0 (SGD)'}[s['schedule']]
         status = f'{len(h)}/{s["epochs"]}' + ('' if len(h) == s['epochs'] else ' (running)')
         rows.append({'run': f'[{run.name}](experiments/results/{run.name})', 'schedule': f'{schedule}, lr {s["lr"]}',
                      'epochs': status, 'test accuracy': f'{h.accuracy.iloc[-1]:.2%}',

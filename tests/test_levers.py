@@ -138,3 +138,14 @@ def test_light_epochs_are_the_last_ones_and_a_resumed_run_repeats_them(tmp_path,
     resume_run(tmp_path / 'run')  # stopped inside the light epochs
     assert pd.read_csv(tmp_path / 'run' / 'history.csv').drop(columns='seconds').equals(
         pd.read_csv(tmp_path / 'probed' / 'history.csv').drop(columns='seconds'))
+
+
+def test_linear_schedule_warms_up_as_one_cycle_then_falls_straight_to_zero(tmp_path, data):
+    s = resolve_settings({'epochs': 4, 'bs': 2, 'workers': 0, 'lr': 0.2, 'schedule': 'linear'})
+    learn = fit_run(s, tmp_path / 'run', data=str(data))
+    lrs, n = np.array(learn.recorder.lrs), 4 * len(learn.dls.train)
+    top = int(np.argmax(lrs))
+    assert len(lrs) == n and top == n // 4 and lrs[0] == pytest.approx(0.2 / 25) and lrs[top] == pytest.approx(0.2, rel=0.01)
+    rises, falls = np.diff(lrs[:top + 1]), np.diff(lrs[top:])
+    assert np.allclose(rises, rises[0]) and rises[0] > 0 and np.allclose(falls, falls[0]) and falls[0] < 0
+    assert lrs[-1] == pytest.approx(-falls[0], rel=1e-6)  # one step above 0 at the last batch: 0 where training ends

@@ -51,7 +51,7 @@ def kill_after_epochs(cmd, run, n_rows, delay):
     finally: proc.wait()
 
 
-@pytest.mark.parametrize('schedule, delay', [('step', 0.0), ('step', 0.15), ('one-cycle', 0.3)])
+@pytest.mark.parametrize('schedule, delay', [('step', 0.0), ('step', 0.15), ('one-cycle', 0.3), ('linear', 0.3)])
 def test_killed_and_resumed_run_ends_as_if_never_stopped(tmp_path, data, schedule, delay):
     args = ['--data', data, *FIT, '--schedule', schedule, '--workers', 1]
     run_cli('fit', *args, '--out', tmp_path / 'whole')
