@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from cifar_fastai.cli import _settings
-from cifar_fastai.config import DEFAULTS, TTA_VIEWS, resolve_settings
+from cifar_fastai.config import DEFAULTS, TTA_VIEWS, resolve_settings, upgrade_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'experiments' / 'results'
@@ -35,6 +35,25 @@ def results_table(results=RESULTS):
                      'precision': s['precision'], 'machine': cfg['versions'].get('device', 'not recorded'),
                      'command': f'`{command(s)}`'})
     return markdown(pd.DataFrame(rows)) if rows else '(no runs yet)'
+
+
+def recipes_table(results=RESULTS):
+    "The finished runs grouped by recipe (every setting but the seed): final accuracy, mean +- std over seeds."
+    groups = {}
+    for hist in sorted(results.glob('*/history.csv')):
+        cfg, h = json.loads((hist.parent / 'config.json').read_text()), pd.read_csv(hist)
+        s = upgrade_settings(cfg['settings'], cfg.get('settings_version', 1))  # older runs in today's terms
+        if len(h) != s['epochs']: continue
+        key = json.dumps({k: v for k, v in s.items() if k not in ('seed', 'workers')}, sort_keys=True)
+        groups.setdefault(key, []).append((hist.parent.name, s['seed'], h.accuracy.iloc[-1]))
+    rows = []
+    for key, runs in groups.items():
+        acc = pd.Series([a for _, _, a in runs])
+        rows.append({'runs (seed)': ', '.join(f'{name} ({seed})' for name, seed, _ in runs), 'seeds': len(runs),
+                     'accuracy (mean +- std)': f'{acc.mean():.2%} +- {acc.std():.2%}' if len(runs) > 1 else f'{acc.mean():.2%}',
+                     'min - max': f'{acc.min():.2%} - {acc.max():.2%}',
+                     'command': f'`{command(json.loads(key) | {"seed": None})}`'})
+    return markdown(pd.DataFrame(rows).sort_values('seeds', ascending=False, kind='stable')) if rows else '(no runs yet)'
 
 
 def tta_accuracy(run, views):
@@ -115,4 +134,5 @@ if __name__ == '__main__':
     text = replace(readme.read_text(), 'results', results_table())
     text = replace(text, 'sweeps', sweeps_table())
     text = replace(text, 'tta', tta_table())
+    text = replace(text, 'recipes', recipes_table())
     readme.write_text(replace(text, 'bench', bench_table()))

@@ -7,7 +7,7 @@ import pandas as pd
 from cifar_fastai.config import resolve_settings
 
 sys.path.insert(0, str(Path(__file__).parents[1] / 'experiments'))
-from report import command, results_table, sweeps_table, tta_table  # noqa: E402
+from report import command, recipes_table, results_table, sweeps_table, tta_table  # noqa: E402
 
 
 def test_results_table_comes_from_the_run_files(tmp_path):
@@ -50,3 +50,15 @@ def test_tta_table_has_a_column_per_measured_model(tmp_path):
     table = tta_table(tmp_path)
     assert table.splitlines()[0] == '| views | views per image | a | b |'
     assert '| flip | 2 | 81.00% | 71.25% |' in table
+
+
+def test_recipes_table_groups_finished_runs_over_seeds(tmp_path):
+    for name, seed, acc, epochs in (('a', 1, 0.80, 2), ('b', 2, 0.82, 2), ('c', 3, 0.70, 1), ('d', 4, 0.5, 1)):
+        run = tmp_path / name
+        run.mkdir()
+        s = resolve_settings({'epochs': 3 if name == 'd' else epochs, 'seed': seed})  # d: 1 of 3 epochs done
+        (run / 'config.json').write_text(json.dumps(dict(settings=s)))
+        pd.DataFrame(dict(epoch=range(epochs), accuracy=acc, seconds=1.0)).to_csv(run / 'history.csv', index=False)
+    table = recipes_table(tmp_path)  # d is unfinished: left out
+    assert '| a (1), b (2) | 2 | 81.00% +- 1.41% | 80.00% - 82.00% |' in table
+    assert '| c (3) | 1 | 70.00% | 70.00% - 70.00% |' in table and 'd (4)' not in table

@@ -1,0 +1,46 @@
+"""Question: what does distillation cost per student epoch, with 0, 1 and 3 teachers? Short fits (5,000 training
+and 1,000 test images, 2 one-cycle epochs, bf16 where the CPU has it) in this one process, the three settings
+taking turns for ROUNDS rounds; each fit's second epoch is timed (the first warms up). Run on an idle machine:
+
+    python experiments/teacher_cost.py --data PATH [--rounds 3] --out experiments/results/bench/teacher-cost.csv
+"""
+import argparse
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from cifar_fastai.config import resolve_settings
+from cifar_fastai.runtime import cpu_has_bf16, versions
+from cifar_fastai.train import fit_run
+
+TEACHERS = ['experiments/results/best/model.safetensors', 'experiments/results/spec/model.safetensors',
+            'experiments/results/spec-seed1/model.safetensors']
+IMAGES = 5000 + 1000  # trained + validated per epoch
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--data', required=True), ap.add_argument('--out', required=True)
+    ap.add_argument('--rounds', type=int, default=3)
+    args = ap.parse_args()
+    base = resolve_settings({'train_size': 5000, 'valid_size': 1000, 'epochs': 2, 'workers': 0},
+                            'experiments/one-cycle.toml')
+    base['precision'] = 'bf16' if cpu_has_bf16() else 'fp32'
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for n in (0, 1, 3):
+                out = Path(tmp) / f'{r}-{n}'
+                fit_run({**base, 'teacher': TEACHERS[:n]}, out, data=args.data, quiet=True)
+                seconds = pd.read_csv(out / 'history.csv').seconds.iloc[1]
+                rows.append(dict(round=r, teachers=n, seconds=seconds, images_per_s=IMAGES / seconds))
+                print(f'round {r}, {n} teacher(s): {seconds:.1f} s, {IMAGES / seconds:.0f} images/s', flush=True)
+    t = pd.DataFrame(rows).assign(machine=versions()['device'], precision=base['precision'])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    t.to_csv(args.out, index=False)
+    med = t.groupby('teachers').seconds.median()
+    for n, s in med.items(): print(f'{n} teacher(s): median {s:.1f} s per epoch, {s / med[0]:.2f} times no teacher')
+
+
+if __name__ == '__main__': main()
