@@ -95,7 +95,9 @@ def fit(out: Annotated[str, 'Run folder for config.json, history.csv, curves.png
         with process_group(): fit_run(s, out or f'runs/{time.strftime("%Y%m%d-%H%M%S")}', data=kwargs['data'], force=force)
 
 
-@delegates(_settings, but=['epochs', 'lr', 'schedule', 'step_size', 'gamma'])
+# lr-find runs no schedule, no light epochs and no teachers: those flags would be accepted and ignored.
+@delegates(_settings, but=['epochs', 'lr', 'schedule', 'step_size', 'gamma', 'light_epochs', 'teacher',
+                           'distill_weight', 'distill_temperature'])
 def lr_find(out: Annotated[str, 'Folder for lr_find.png'] = '.',
             start_lr: Annotated[float, 'Smallest learning rate tried'] = 1e-7,
             end_lr: Annotated[float, 'Largest learning rate tried'] = 10.0,
@@ -187,7 +189,8 @@ def predict(paths: Annotated[str, '[MODEL] IMAGE_OR_FOLDER...: MODEL is a learne
 
 
 @delegates(_settings, but=['config', 'epochs', 'lr', 'schedule', 'step_size', 'gamma', 'dropout', 'label_smoothing',
-                           'precision', 'seed', 'valid_size', 'wd', 'momentum', 'train_size'])
+                           'precision', 'seed', 'valid_size', 'wd', 'momentum', 'train_size', 'light_epochs', 'teacher',
+                           'distill_weight', 'distill_temperature'])
 def bench(train_size: Annotated[int, 'Training images per measured epoch'] = 5120,
           precision: Annotated[str, 'Comma-separated precisions to compare (default: fp32, and bf16 where this '
                                     'machine supports it)'] = None,

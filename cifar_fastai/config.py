@@ -81,6 +81,7 @@ def resolve_settings(flags, config=None):
     "DEFAULTS, overridden by the config file, overridden by the flags given (not None); then checked."
     s = {**DEFAULTS, **(read_config(config) if config else {}),
          **{k: v for k, v in flags.items() if k in DEFAULTS and v is not None}}
+    if isinstance(s['teacher'], list): s['teacher'] = list(s['teacher'])  # this run's own list, not DEFAULTS'
     check_settings(s)
     return s
 
@@ -118,6 +119,7 @@ def check_settings(s, source=''):
     for k in ('nesterov', 'sync_bn'):
         if not isinstance(s[k], bool): bad(k, 'true or false')
     if s['pad_crop'] > 16: bad('pad_crop', 'at most 16 pixels')
+    if s['light_epochs'] > s['epochs']: bad('light_epochs', f'at most the {s["epochs"]} epochs of the run')
     if not (isinstance(s['teacher'], list) and all(isinstance(p, str) and p for p in s['teacher'])):
         bad('teacher', 'a list of model file paths')
     for k in ('workers', 'train_size', 'valid_size'):

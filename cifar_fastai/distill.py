@@ -23,7 +23,9 @@ def load_teachers(paths, classes, stats):
         if p.suffix != '.safetensors':
             raise CifarFastaiError(f'teacher: {p} is not a model.safetensors (teachers are read without pickle)')
         if not p.is_file(): raise CifarFastaiError(f'teacher: {p} does not exist')
-        model, meta = read_model(p)
+        # Building a network draws its initial weights from torch's generator: forked, so that a run with teachers
+        # draws the same augmentations and dropout masks as the same seed's run without them.
+        with torch.random.fork_rng(devices=[]): model, meta = read_model(p)
         if meta['classes'] != list(classes):
             raise CifarFastaiError(f'teacher: {p} predicts classes {meta["classes"]}, the data has {list(classes)}')
         theirs = meta['normalize']['mean'] + meta['normalize']['std']

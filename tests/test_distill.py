@@ -50,12 +50,16 @@ def test_a_student_trained_with_a_teacher_is_the_seeds_network_and_records_its_t
     data, model = teacher
     s = {**TINY, 'epochs': 2, 'schedule': 'one-cycle'}
     fit_run(resolve_settings(s), tmp_path / 'alone', data=str(data))
+    fit_run(resolve_settings({**s, 'teacher': [str(model)], 'distill_weight': 0.0}), tmp_path / 'weightless', data=str(data))
     fit_run(resolve_settings({**s, 'teacher': [str(model)], 'distill_weight': 0.9}), tmp_path / 'taught', data=str(data))
     cfg = json.loads((tmp_path / 'taught' / 'config.json').read_text())['settings']
     assert (cfg['teacher'], cfg['distill_weight'], cfg['distill_temperature']) == ([str(model)], 0.9, 4.0)
     shipped, theirs = load_file(str(tmp_path / 'taught' / 'model.safetensors')), load_file(str(model))
     assert shipped.keys() == theirs.keys() and not all(torch.equal(shipped[k], theirs[k]) for k in shipped)
-    alone, taught = (pd.read_csv(tmp_path / r / 'history.csv') for r in ('alone', 'taught'))
+    alone, weightless, taught = (pd.read_csv(tmp_path / r / 'history.csv').drop(columns='seconds')
+                                 for r in ('alone', 'weightless', 'taught'))
+    # Loading the teacher leaves the run's random draws alone: with weight 0 it trains exactly as without it.
+    assert weightless.equals(alone)
     assert (alone.train_loss != taught.train_loss).all()  # the teacher's term is in the training loss
 
 
@@ -85,5 +89,6 @@ def test_a_teacher_that_cannot_teach_is_refused_before_the_run_folder_is_made(tm
 def test_teacher_settings_out_of_range_are_refused_in_one_line():
     for bad, match in (({'teacher': 'model.safetensors'}, 'teacher must be a list'),
                        ({'distill_weight': 1.5}, 'distill-weight must be between 0 and 1'),
-                       ({'distill_temperature': 0.0}, 'distill-temperature must be positive')):
+                       ({'distill_temperature': 0.0}, 'distill-temperature must be positive'),
+                       ({'epochs': 3, 'light_epochs': 4}, 'light-epochs must be at most the 3 epochs')):
         with pytest.raises(CifarFastaiError, match=match): resolve_settings(bad)
