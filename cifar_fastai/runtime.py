@@ -77,12 +77,14 @@ def cpu_name():
 
 
 def versions():
-    "Library versions and the machine, for config.json: results are only comparable on like machines."
+    """Library versions, the machine and torch's thread count, for config.json: results are only comparable on like
+    machines, and the threads turn a run's wall time into CPU time."""
     # The vector unit matters as much as the name: an 'AMD EPYC' may run bf16 natively (AVX512) or not (AVX2).
     device = (torch.cuda.get_device_name() if use_cuda() else
               f'CPU: {cpu_name()}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}')
     return dict(python=platform.python_version(), torch=torch.__version__, fastai=fastai.__version__,
-                albumentations=albumentations.__version__, device=device)
+                albumentations=albumentations.__version__, device=device,
+                threads=torch.get_num_threads())
 
 
 def quiet_when_logged(learn):

@@ -21,7 +21,7 @@ import optuna
 import pandas as pd
 from fastai.callback.core import Callback
 
-from .config import DEFAULTS, check_settings, resolve_settings
+from .config import ADDED_SETTINGS, DEFAULTS, SETTINGS_VERSION, check_settings, resolve_settings
 from .errors import CifarFastaiError
 from .runtime import usable_cores
 
@@ -42,10 +42,18 @@ class Spec:
     @property
     def name(self): return self.path.stem
 
-    def digest(self):
-        "What makes two workers' plans the same: everything but the file's name and comments."
-        return hashlib.sha256(json.dumps([self.base, self.seeds, self.objective, self.trials, self.grid,
-                                          self.ranges, self.pruner], sort_keys=True).encode()).hexdigest()[:16]
+    def digests(self):
+        """What makes two workers' plans the same: everything but the file's name and comments, said in each settings
+        version that can say it (settings added since left out where they hold the value older runs behaved as), so a
+        study planned before a setting was added is still joined and resumed. The last is today's."""
+        out = []
+        for version in range(1, SETTINGS_VERSION + 1):
+            later = {k: v for added_in, added in ADDED_SETTINGS.items() if added_in > version for k, v in added.items()}
+            if any(self.base[k] != v for k, v in later.items()): continue
+            base = {k: v for k, v in self.base.items() if k not in later}
+            out.append(hashlib.sha256(json.dumps([base, self.seeds, self.objective, self.trials, self.grid,
+                                                  self.ranges, self.pruner], sort_keys=True).encode()).hexdigest()[:16])
+        return out
 
     def make_pruner(self):
         if not self.pruner: return optuna.pruners.NopPruner()
@@ -174,7 +182,7 @@ def make_storage(url):
 
 def open_study(spec, storage, name, trials=None):
     "The study named `name`: made and planned by the first worker; joined (same plan checked) by the others."
-    digest = spec.digest() + (f'-{trials}' if trials else '')
+    digests = [d + (f'-{trials}' if trials else '') for d in spec.digests()]
     try:
         study = optuna.create_study(study_name=name, storage=storage, direction='maximize', pruner=spec.make_pruner())
     except optuna.exceptions.DuplicatedStudyError:
@@ -185,13 +193,13 @@ def open_study(spec, storage, name, trials=None):
         if 'plan' not in study.user_attrs:
             raise CifarFastaiError(f'sweep: study {name!r} was never fully planned (its first worker stopped while '
                                    'queueing the trials); start it under another --study name')
-        if study.user_attrs['plan'] != digest:
+        if study.user_attrs['plan'] not in digests:
             raise CifarFastaiError(f'sweep: study {name!r} was planned from a different SPEC (or --trials); '
                                    'name this one with --study')
         return study
     for i, params, seed in plan(spec, trials):
         study.enqueue_trial({**params, 'seed': seed}, user_attrs={'point': i})
-    study.set_user_attr('plan', digest)  # last: the plan is whole once this is there
+    study.set_user_attr('plan', digests[-1])  # last: the plan is whole once this is there
     return study
 
 

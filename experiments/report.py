@@ -29,7 +29,7 @@ def results_table(results=RESULTS):
         rows.append({'run': f'[{run.name}](experiments/results/{run.name})', 'schedule': f'{schedule}, lr {s["lr"]}',
                      'epochs': status, 'test accuracy': f'{h.accuracy.iloc[-1]:.2%}',
                      'best': f'{h.accuracy.max():.2%}',
-                     **{f'{views} TTA': tta_accuracy(run, views) for views in TTA_VIEWS},
+                     **{f'{views} TTA': spread([tta_value(run, views)]) for views in TTA_VIEWS},
                      'training time': f'{h.seconds.sum() / 60:.1f} min',
                      'median epoch': f'{h.seconds.median():.0f} s',
                      'precision': s['precision'], 'machine': cfg['versions'].get('device', 'not recorded'),
@@ -37,31 +37,149 @@ def results_table(results=RESULTS):
     return markdown(pd.DataFrame(rows)) if rows else '(no runs yet)'
 
 
+def finished_runs(results=RESULTS, pattern='*/history.csv'):
+    """Every finished run whose history matches `pattern` below `results` ('**/history.csv': sweep trials too):
+    its folder, config.json, settings in today's terms and history."""
+    for hist in sorted(results.glob(pattern)):
+        cfg, h = json.loads((hist.parent / 'config.json').read_text()), pd.read_csv(hist)
+        s = upgrade_settings(cfg['settings'], cfg.get('settings_version', 1))  # older runs in today's terms
+        if len(h) == s['epochs']: yield hist.parent, cfg, s, h
+
+
+def recipe(settings, ignore=()):
+    "The settings that make a recipe: all but the seed and the loader's workers (and `ignore`)."
+    return {k: v for k, v in settings.items() if k not in ('seed', 'workers', *ignore)}
+
+
+def runs_of(config, results=RESULTS, ignore=()):
+    "The finished runs, sweep trials included, of the recipe in `config` (a TOML file), whatever their `ignore`."
+    target = recipe(resolve_settings({}, config), ignore)
+    return [(run, cfg, s, h) for run, cfg, s, h in finished_runs(results, '**/history.csv')
+            if recipe(s, ignore) == target]
+
+
+def spread(values):
+    "Mean +- standard deviation over seeds, as a percentage; the value alone for one seed; '' for none."
+    v = pd.Series(values, dtype=float).dropna()
+    return '' if v.empty else f'{v.mean():.2%}' + (f' +- {v.std():.2%}' if len(v) > 1 else '')
+
+
 def recipes_table(results=RESULTS):
     "The finished runs grouped by recipe (every setting but the seed): final accuracy, mean +- std over seeds."
     groups = {}
-    for hist in sorted(results.glob('*/history.csv')):
-        cfg, h = json.loads((hist.parent / 'config.json').read_text()), pd.read_csv(hist)
-        s = upgrade_settings(cfg['settings'], cfg.get('settings_version', 1))  # older runs in today's terms
-        if len(h) != s['epochs']: continue
-        key = json.dumps({k: v for k, v in s.items() if k not in ('seed', 'workers')}, sort_keys=True)
-        groups.setdefault(key, []).append((hist.parent.name, s['seed'], h.accuracy.iloc[-1]))
+    for run, _, s, h in finished_runs(results):
+        groups.setdefault(json.dumps(recipe(s), sort_keys=True), []).append((run.name, s['seed'], h.accuracy.iloc[-1]))
     rows = []
     for key, runs in groups.items():
         acc = pd.Series([a for _, _, a in runs])
         rows.append({'runs (seed)': ', '.join(f'{name} ({seed})' for name, seed, _ in runs), 'seeds': len(runs),
-                     'accuracy (mean +- std)': f'{acc.mean():.2%} +- {acc.std():.2%}' if len(runs) > 1 else f'{acc.mean():.2%}',
-                     'min - max': f'{acc.min():.2%} - {acc.max():.2%}',
+                     'accuracy (mean +- std)': spread(acc), 'min - max': f'{acc.min():.2%} - {acc.max():.2%}',
                      'command': f'`{command(json.loads(key) | {"seed": None})}`'})
     return markdown(pd.DataFrame(rows).sort_values('seeds', ascending=False, kind='stable')) if rows else '(no runs yet)'
 
 
-def tta_accuracy(run, views):
-    "Accuracy from `cifar-fastai evaluate RUN/model.safetensors --tta VIEWS`, when it has been run."
+def cpu_hours(cfg, h):
+    "Training time (validation included) times the torch threads and processes that ran it; NaN if not recorded."
+    return h.seconds.sum() / 3600 * cfg['versions'].get('threads', float('nan')) * cfg.get('world_size', 1)
+
+
+def budgets(config, results=RESULTS):
+    "One row per finished run of `config`'s recipe at any number of epochs: accuracy, TTA accuracies, CPU-hours."
+    return pd.DataFrame([{'run': str(run.relative_to(results)), 'epochs': s['epochs'], 'seed': s['seed'],
+                          'accuracy': h.accuracy.iloc[-1], **{f'{v} TTA': tta_value(run, v) for v in TTA_VIEWS},
+                          'cpu_hours': cpu_hours(cfg, h), 'machine': cfg['versions'].get('device', 'not recorded')}
+                         for run, cfg, s, h in runs_of(config, results, ignore=('epochs',))],
+                        columns=['run', 'epochs', 'seed', 'accuracy', *(f'{v} TTA' for v in TTA_VIEWS), 'cpu_hours',
+                                 'machine'])
+
+
+def budget_table(config, results=RESULTS, target=None):
+    """`config`'s recipe at each number of epochs it was run for, mean +- std over seeds, single view and with TTA;
+    `target`: an accuracy the mean is checked against. Writes the runs behind it to results/budgets/NAME.csv and
+    their accuracy against CPU-hours to NAME.png."""
+    b = budgets(config, results)
+    if b.empty: return f'(no finished runs of {Path(config).name} yet)'
+    out = results / 'budgets' / Path(config).stem
+    out.parent.mkdir(exist_ok=True)
+    b.sort_values(['epochs', 'seed']).to_csv(out.with_suffix('.csv'), index=False)
+    plot_budgets(b, out.with_suffix('.png'), Path(config).name)
+    rows = []
+    for epochs, g in b.groupby('epochs'):
+        rows.append({'epochs': epochs, 'seeds': f'{len(g)} ({", ".join(map(str, sorted(g.seed)))})',
+                     'accuracy (mean +- std)': spread(g.accuracy),
+                     **{f'{v} TTA': spread(g[f'{v} TTA']) for v in TTA_VIEWS},
+                     'CPU-hours per run (median)': '' if g.cpu_hours.isna().all() else f'{g.cpu_hours.median():.1f}',
+                     **({f'mean >= {target:.2%}': 'yes' if g.accuracy.mean() >= target else 'no'} if target else {})})
+    return markdown(pd.DataFrame(rows))
+
+
+def plot_budgets(b, path, title):
+    "Each run's accuracy against its CPU-hours, one colour per number of epochs, TTA as hollow markers."
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for epochs, g in b.groupby('epochs'):
+        dots = ax.scatter(g.cpu_hours, g.accuracy * 100, label=f'{epochs} epochs')
+        for v, marker in zip(TTA_VIEWS, 'os'):
+            ax.scatter(g.cpu_hours, g[f'{v} TTA'] * 100, facecolors='none', edgecolors=dots.get_facecolor(), marker=marker)
+    ax.set(xlabel='CPU-hours (training time x threads)', ylabel='test accuracy (%)',
+           title=f'{title}: filled single view, hollow TTA ({", ".join(TTA_VIEWS)})')
+    ax.legend(fontsize='small')
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def per_class_table(configs, results=RESULTS):
+    "Each class's test accuracy, mean +- std over the seeds of each recipe in `configs` (their per_class.csv)."
+    columns = {}
+    for config in configs:
+        tables = [pd.read_csv(run / 'per_class.csv', index_col='class').accuracy
+                  for run, *_ in runs_of(config, results) if (run / 'per_class.csv').exists()]
+        if tables: columns[f'{Path(config).stem} ({len(tables)} seed{"s" * (len(tables) > 1)})'] = pd.concat(tables, axis=1).apply(spread, axis=1)
+    return markdown(pd.DataFrame(columns).rename_axis('class').reset_index()) if columns else '(no per-class tables yet)'
+
+
+# The levers a recipe is made of, for the ablation table: a run that differs from the recipe only in the settings
+# of one lever is that recipe without (or with another form of) the lever.
+LEVERS = {'distillation': ('teacher', 'distill_weight', 'distill_temperature'),
+          'label smoothing': ('label_smoothing',),
+          'augmentation': ('shift_limit', 'scale_limit', 'rotate_limit', 'shift_scale_rotate_p', 'flip_p', 'brightness',
+                           'contrast', 'saturation', 'hue', 'color_jitter_p', 'cutout_size', 'cutout_p', 'pad_crop',
+                           'light_epochs'),
+          'schedule': ('schedule', 'lr', 'step_size', 'gamma', 'momentum', 'nesterov'),
+          'weight averaging': ('ema',), 'dropout': ('dropout',), 'weight decay': ('wd',), 'batch size': ('bs',)}
+
+
+ABLATION_EPOCHS = 10  # the budget the ablation table compares at: short runs, so that every lever gets 3 seeds
+
+
+def ablation_table(config, epochs, results=RESULTS):
+    """`config`'s recipe at `epochs`, then every recipe run at `epochs` that differs from it in one lever only (any
+    run folder or sweep trial), each mean +- std over its seeds and its difference from the recipe's mean."""
+    base = recipe(resolve_settings({'epochs': epochs}, config))
+    groups = {}
+    for _, _, s, h in finished_runs(results, '**/history.csv'):
+        changed = {k: v for k, v in recipe(s).items() if v != base[k]}
+        lever = next((name for name, keys in LEVERS.items() if set(changed) <= set(keys)), None)
+        if lever: groups.setdefault((lever if changed else '', json.dumps(changed)), []).append(h.accuracy.iloc[-1])
+    if ('', '{}') not in groups: return f'(no finished run of {Path(config).name} at {epochs} epochs yet)'
+    mean = pd.Series(groups[('', '{}')]).mean()
+    rows = [{'lever': lever or f'none: {Path(config).name} at {epochs} epochs', 'changed to': ', '.join(
+                 f'{k} {v}' for k, v in json.loads(changed).items()), 'seeds': len(acc), 'accuracy (mean +- std)': spread(acc),
+             'difference': f'{pd.Series(acc).mean() - mean:+.2%}' if lever else ''}
+            for (lever, changed), acc in sorted(groups.items())]
+    return markdown(pd.DataFrame(rows))
+
+
+def tta_value(run, views):
+    "Accuracy from `cifar-fastai evaluate RUN/model.safetensors --tta VIEWS` (NaN where it has not been run)."
     table = run / f'per_class_tta-{views}.csv'
-    if not table.exists(): return ''
+    if not table.exists(): return float('nan')
     t = pd.read_csv(table)
-    return f'{t.correct.sum() / t.images.sum():.2%}'
+    return t.correct.sum() / t.images.sum()
 
 
 def command(settings, configs=None):
@@ -130,9 +248,14 @@ def replace(text, name, body):
 
 
 if __name__ == '__main__':
-    readme = ROOT / 'README.md'
-    text = replace(readme.read_text(), 'results', results_table())
-    text = replace(text, 'sweeps', sweeps_table())
-    text = replace(text, 'tta', tta_table())
-    text = replace(text, 'recipes', recipes_table())
-    readme.write_text(replace(text, 'bench', bench_table()))
+    readme, experiments = ROOT / 'README.md', ROOT / 'experiments'
+    spec_mean = pd.Series([h.accuracy.iloc[-1] for *_, h in runs_of(experiments / 'spec.toml')]).mean()
+    text = readme.read_text()
+    for name, body in (('results', results_table()), ('sweeps', sweeps_table()), ('tta', tta_table()),
+                       ('recipes', recipes_table()), ('bench', bench_table()),
+                       ('fewest-epochs', budget_table(experiments / 'one-cycle.toml', target=spec_mean)),
+                       ('best-budgets', budget_table(experiments / 'best.toml')),
+                       ('ablation', ablation_table(experiments / 'best.toml', ABLATION_EPOCHS)),
+                       ('per-class', per_class_table([experiments / 'spec.toml', experiments / 'best.toml']))):
+        text = replace(text, name, body)
+    readme.write_text(text)

@@ -7,7 +7,8 @@ import pandas as pd
 from cifar_fastai.config import resolve_settings
 
 sys.path.insert(0, str(Path(__file__).parents[1] / 'experiments'))
-from report import command, recipes_table, results_table, sweeps_table, tta_table  # noqa: E402
+from report import (ablation_table, budget_table, command, per_class_table, recipes_table, results_table,  # noqa: E402
+                    sweeps_table, tta_table)
 
 
 def test_results_table_comes_from_the_run_files(tmp_path):
@@ -62,3 +63,57 @@ def test_recipes_table_groups_finished_runs_over_seeds(tmp_path):
     table = recipes_table(tmp_path)  # d is unfinished: left out
     assert '| a (1), b (2) | 2 | 81.00% +- 1.41% | 80.00% - 82.00% |' in table
     assert '| c (3) | 1 | 70.00% | 70.00% - 70.00% |' in table and 'd (4)' not in table
+
+
+def finished_run(folder, config, acc, threads=None, per_class=None, **flags):
+    "A finished run folder of `config`'s recipe with `flags` changed: 60 s epochs ending at accuracy `acc`."
+    folder.mkdir(parents=True)
+    s = resolve_settings(flags, config)
+    versions = {'device': 'CPU: test', **({'threads': threads} if threads else {})}
+    (folder / 'config.json').write_text(json.dumps(dict(settings=s, settings_version=5, versions=versions)))
+    pd.DataFrame(dict(epoch=range(s['epochs']), accuracy=acc, seconds=60.0)).to_csv(folder / 'history.csv', index=False)
+    if per_class: pd.DataFrame(dict(**{'class': list(per_class)}, accuracy=list(per_class.values()))
+                               ).to_csv(folder / 'per_class.csv', index=False)
+
+
+def test_budget_table_gives_a_recipe_at_each_length_over_seeds_with_its_cpu_hours(tmp_path):
+    config = tmp_path / 'recipe.toml'
+    config.write_text('schedule = "one-cycle"\nlr = 0.2\n')
+    results = tmp_path / 'results'
+    finished_run(results / 'a', config, 0.80, threads=2, epochs=2, seed=1)
+    finished_run(results / 'sweeps' / 's' / 'trials' / '0', config, 0.82, threads=2, epochs=2, seed=2)  # trials count
+    finished_run(results / 'c', config, 0.90, threads=1, epochs=3, seed=1)
+    finished_run(results / 'd', config, 0.99, threads=1, epochs=2, seed=3, lr=0.1)  # another recipe
+    pd.DataFrame(dict(images=[10], correct=[9])).to_csv(results / 'c' / 'per_class_tta-flip.csv')
+    table = budget_table(config, results, target=0.85)
+    assert '| 2 | 2 (1, 2) | 81.00% +- 1.41% |  |  | 0.1 | no |' in table  # 2 epochs x 60 s x 2 threads
+    assert '| 3 | 1 (1) | 90.00% | 90.00% |  | 0.1 | yes |' in table and '99' not in table
+    runs = pd.read_csv(results / 'budgets' / 'recipe.csv')
+    assert sorted(runs.run) == ['a', 'c', 'sweeps/s/trials/0'] and (results / 'budgets' / 'recipe.png').stat().st_size
+
+
+def test_ablation_table_shows_runs_that_differ_from_the_recipe_in_one_lever(tmp_path):
+    config = tmp_path / 'recipe.toml'
+    config.write_text('label_smoothing = 0.1\nrotate_limit = 5\n')
+    for i, (acc, flags) in enumerate([(0.80, {}), (0.82, {}), (0.78, dict(label_smoothing=0.0)),
+                                      (0.75, dict(rotate_limit=15, cutout_size=8)),
+                                      (0.70, dict(label_smoothing=0.0, rotate_limit=15)),  # two levers: not shown
+                                      (0.99, dict(epochs=3))]):  # another budget: not shown
+        finished_run(tmp_path / 'results' / str(i), config, acc, epochs=flags.pop('epochs', 2), seed=i, **flags)
+    table = ablation_table(config, 2, tmp_path / 'results')
+    assert '| none: recipe.toml at 2 epochs |  | 2 | 81.00% +- 1.41% |  |' in table
+    assert '| label smoothing | label_smoothing 0.0 | 1 | 78.00% | -3.00% |' in table
+    assert '| augmentation | rotate_limit 15, cutout_size 8 | 1 | 75.00% | -6.00% |' in table
+    assert '70.00%' not in table and '99' not in table
+
+
+def test_per_class_table_gives_each_class_over_each_recipes_seeds(tmp_path):
+    spec, best = tmp_path / 'spec.toml', tmp_path / 'best.toml'
+    spec.write_text('lr = 0.05\n')
+    best.write_text('lr = 0.15\n')
+    finished_run(tmp_path / 'r' / 's1', spec, 0.5, seed=1, per_class={'cat': 0.5, 'dog': 0.7})
+    finished_run(tmp_path / 'r' / 's2', spec, 0.5, seed=2, per_class={'cat': 0.6, 'dog': 0.7})
+    finished_run(tmp_path / 'r' / 'b1', best, 0.5, seed=1, per_class={'cat': 0.8, 'dog': 0.9})
+    table = per_class_table([spec, best], tmp_path / 'r')
+    assert table.splitlines()[0] == '| class | spec (2 seeds) | best (1 seed) |'
+    assert '| cat | 55.00% +- 7.07% | 80.00% |' in table and '| dog | 70.00% +- 0.00% | 90.00% |' in table

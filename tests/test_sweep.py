@@ -12,6 +12,7 @@ import pytest
 
 from cifar_fastai import sweep
 from cifar_fastai.cli import main
+from cifar_fastai.errors import CifarFastaiError
 from conftest import make_cifar, run_cli
 
 TINY = 'epochs = 2\nbs = 4\nworkers = 0\n'
@@ -167,6 +168,20 @@ def test_bad_arguments_fail_in_one_line(capsys, tmp_path, data):
     trials = sorted((out / 'trials').iterdir())
     one_line_error(capsys, ['sweep', spec, '--out', out, '--data', data, '--study', 'second'], 'holds another sweep')
     assert sorted((out / 'trials').iterdir()) == trials and len(study_of(out, 'first').trials) == 1
+
+
+def test_a_study_planned_before_a_setting_was_added_is_joined_while_the_setting_keeps_its_old_behaviour(tmp_path, monkeypatch):
+    spec = sweep.read_spec(spec_file(tmp_path, GRID))
+    storage = f'sqlite:///{tmp_path / "study.db"}'
+    sweep.open_study(spec, storage, 'grid')
+    version = sweep.SETTINGS_VERSION + 1  # the code moves on: a new setting, off (False) in every older run
+    monkeypatch.setattr(sweep, 'SETTINGS_VERSION', version)
+    monkeypatch.setattr(sweep, 'ADDED_SETTINGS', {**sweep.ADDED_SETTINGS, version: dict(new_lever=False)})
+    def respec(value): return sweep.Spec(spec.path, {**spec.base, 'new_lever': value}, spec.seeds, spec.objective,
+                                         spec.trials, spec.grid, spec.ranges, spec.pruner)
+    assert len(sweep.open_study(respec(False), storage, 'grid').trials) == 8  # joined, nothing queued again
+    with pytest.raises(CifarFastaiError, match='planned from a different SPEC'):
+        sweep.open_study(respec(True), storage, 'grid')
 
 
 @pytest.mark.skipif(not POSTGRES, reason='no PostgreSQL server: set CIFAR_FASTAI_TEST_POSTGRES (.ci/run starts one)')
