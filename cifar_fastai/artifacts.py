@@ -11,8 +11,10 @@ from .data import inference_dataloaders, normalization
 from .errors import CifarFastaiError
 from .model import DilatedNet
 from .modelio import model_files, read_model, trained_precision
+from .runtime import precision_available
 
-__all__ = ['MODEL_SUFFIXES', 'SHIPPED_MODEL', 'export_safetensors', 'load_for_inference', 'trained_precision']
+__all__ = ['MODEL_SUFFIXES', 'SHIPPED_MODEL', 'export_safetensors', 'load_for_inference', 'trained_precision',
+           'inference_precision']
 
 MODEL_SUFFIXES = ('.pkl', '.safetensors', '.json')
 # The best model of experiments/results, shipped so that `cifar-fastai predict IMAGE` works out of the box.
@@ -23,6 +25,16 @@ def export_safetensors(learn, run, settings, metrics):
     "Into RunFolder `run`: weights as `model.safetensors`; architecture, classes, normalisation, config, metrics as `model.json`."
     for name, data in model_files(learn.model, learn.dls.vocab, normalization(learn.dls), settings, metrics).items():
         run.write(name, data)
+
+
+def inference_precision(path):
+    """The precision to run a model in: the one it was trained and validated in, where this machine runs it; else
+    fp32, said on stderr (its accuracy may then differ a little from the one model.json records)."""
+    trained = trained_precision(path) or 'fp32'
+    if precision_available(trained): return trained
+    print(f'cifar-fastai: the model was trained in {trained}, which this machine does not run; running it in fp32',
+          file=sys.stderr)
+    return 'fp32'
 
 
 def load_for_inference(path, cpu=True):

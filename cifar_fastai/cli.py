@@ -95,9 +95,13 @@ def fit(out: Annotated[str, 'Run folder for config.json, history.csv, curves.png
         with process_group(): fit_run(s, out or f'runs/{time.strftime("%Y%m%d-%H%M%S")}', data=kwargs['data'], force=force)
 
 
-# lr-find runs no schedule, no light epochs and no teachers: those flags would be accepted and ignored.
-@delegates(_settings, but=['epochs', 'lr', 'schedule', 'step_size', 'gamma', 'light_epochs', 'teacher',
-                           'distill_weight', 'distill_temperature'])
+# The settings of a whole training run (its length, schedule, light epochs, teachers): lr-find and bench run none
+# of it, so they offer no such flags rather than accept and ignore them.
+TRAINING_ONLY = ['epochs', 'lr', 'schedule', 'step_size', 'gamma', 'light_epochs', 'teacher', 'distill_weight',
+                 'distill_temperature']
+
+
+@delegates(_settings, but=TRAINING_ONLY)
 def lr_find(out: Annotated[str, 'Folder for lr_find.png'] = '.',
             start_lr: Annotated[float, 'Smallest learning rate tried'] = 1e-7,
             end_lr: Annotated[float, 'Largest learning rate tried'] = 10.0,
@@ -132,29 +136,23 @@ def evaluate(model: Annotated[str, 'learner.pkl, or model.safetensors with model
              tta: Annotated[str, TTA_HELP + '. Its files are named *_tta-VIEWS', TTA_ARG] = None,
              cpu: Annotated[bool, 'Run on the CPU even when a GPU is there (always, without one)'] = False):
     "Accuracy of a trained model on the whole test set, per-class table, confusion matrix and top losses."
-    from .artifacts import load_for_inference, trained_precision
+    from .artifacts import inference_precision, load_for_inference
     from .data import cifar_files, locate_data
     from .interpret import evaluate_learner
     from .rundir import writable_folder
-    from .runtime import inference_callbacks, precision_available, quiet_when_logged
-    from .tta import describe_views
+    from .runtime import inference_callbacks, quiet_when_logged
     out = writable_folder(out) if out else _evaluation_folder(model)  # before minutes of work, not after
     learn = quiet_when_logged(load_for_inference(model, cpu))
     root = locate_data(data)
     _, test, classes = cifar_files(root)
     if list(classes) != list(learn.dls.vocab):
         raise CifarFastaiError(f'data: classes {classes} differ from the model\'s {list(learn.dls.vocab)}')
-    if precision is None:
-        precision = trained_precision(model) or 'fp32'
-        if not precision_available(precision):
-            print(f'cifar-fastai: the model was trained in {precision}, which this machine does not run; '
-                  'evaluating in fp32', file=sys.stderr)
-            precision = 'fp32'
+    precision = precision or inference_precision(model)
     suffix = f'_tta-{tta}' if tta else ''
     acc, table = evaluate_learner(learn, test, out, cbs=inference_callbacks(learn, precision, tta), suffix=suffix)
     print(table.to_string(float_format=lambda v: f'{v:.4f}'))
     print(f'accuracy: {acc:.4f} ({int(table.correct.sum())}/{int(table.images.sum())} test images, {precision}'
-          f'{", " + describe_views(tta) if tta else ""})')
+          f'{f", {tta} TTA, {len(TTA_VIEWS[tta])} views" if tta else ""})')
     print('written: ' + ', '.join(str(out / f'{name}{suffix}{ext}') for name, ext in
                                   (('per_class', '.csv'), ('confusion_matrix', '.png'), ('top_losses', '.png'))))
 
@@ -188,9 +186,8 @@ def predict(paths: Annotated[str, '[MODEL] IMAGE_OR_FOLDER...: MODEL is a learne
     if bad: raise CifarFastaiError(f'{len(bad)} of {len(images) + len(bad)} paths could not be predicted (listed above)')
 
 
-@delegates(_settings, but=['config', 'epochs', 'lr', 'schedule', 'step_size', 'gamma', 'dropout', 'label_smoothing',
-                           'precision', 'seed', 'valid_size', 'wd', 'momentum', 'train_size', 'light_epochs', 'teacher',
-                           'distill_weight', 'distill_temperature'])
+@delegates(_settings, but=[*TRAINING_ONLY, 'config', 'dropout', 'label_smoothing', 'precision', 'seed', 'valid_size',
+                           'wd', 'momentum', 'train_size'])
 def bench(train_size: Annotated[int, 'Training images per measured epoch'] = 5120,
           precision: Annotated[str, 'Comma-separated precisions to compare (default: fp32, and bf16 where this '
                                     'machine supports it)'] = None,

@@ -5,7 +5,7 @@ from pathlib import Path
 from .errors import CifarFastaiError
 
 __all__ = ['DEFAULTS', 'SCHEDULES', 'PRECISIONS', 'TTA_VIEWS', 'SETTINGS_VERSION', 'ADDED_SETTINGS', 'read_config',
-           'resolve_settings', 'upgrade_settings', 'check_settings']
+           'resolve_settings', 'upgrade_settings', 'added_since', 'check_settings']
 
 SCHEDULES = ('step', 'one-cycle', 'linear')
 PRECISIONS = ('fp32', 'bf16', 'fp16')
@@ -92,12 +92,17 @@ def upgrade_settings(saved, version=1, source='config.json'):
     unknown = sorted(set(saved) - set(DEFAULTS))
     if unknown: raise CifarFastaiError(f'{source}: unknown setting(s) {", ".join(unknown)} (written by a newer '
                                        'cifar-fastai, or edited by hand)')
-    added = {k: v for ver, new in ADDED_SETTINGS.items() if ver > version for k, v in new.items()}
+    added = added_since(version)
     missing = sorted(set(DEFAULTS) - set(saved) - set(added))
     if missing: raise CifarFastaiError(f'{source}: setting(s) {", ".join(missing)} missing')
     s = {**added, **saved}
     check_settings(s, source=f'{source}: ')
     return s
+
+
+def added_since(version):
+    "The settings added after settings version `version`, each with the value runs made before it behaved as."
+    return {k: v for ver, new in ADDED_SETTINGS.items() if ver > version for k, v in new.items()}
 
 
 def check_settings(s, source=''):

@@ -10,6 +10,7 @@ from fastai.callback.core import Callback
 from .callbacks import CPUAutocast
 from .errors import CifarFastaiError
 from .modelio import read_model
+from .tta import log_mean_prob
 
 __all__ = ['load_teachers', 'Distillation']
 
@@ -51,9 +52,9 @@ class Distillation(Callback):
 
     def after_pred(self):
         if not self.training: return
-        with torch.no_grad():
-            soft = [(t(self.xb[0]).float() / self.temperature).log_softmax(-1) for t in self.teachers]
-        self.teacher_logp = torch.stack(soft).logsumexp(0) - math.log(len(soft))
+        with torch.inference_mode():
+            self.teacher_logp = log_mean_prob([(t(self.xb[0]).float() / self.temperature).log_softmax(-1)
+                                               for t in self.teachers])
 
     def after_loss(self):
         if not self.training: return

@@ -18,9 +18,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .errors import CifarFastaiError
 
-__all__ = ['world_size', 'rank', 'is_main', 'launched', 'process_group', 'check_batch_split', 'training_ctx',
-           'distributed_callbacks',
-           'on_main', 'gathered', 'is_lost_peer', 'peer_error_summary', 'bare_model', 'inner_loader',
+__all__ = ['world_size', 'rank', 'is_main', 'launched', 'usable_cores', 'process_group', 'check_batch_split',
+           'training_ctx', 'distributed_callbacks', 'held_by_rank0', 'on_main', 'gathered', 'is_lost_peer', 'peer_error_summary', 'bare_model', 'inner_loader',
            'SameBuffersEverywhere', 'RankFailed']
 
 
@@ -45,9 +44,13 @@ def is_main(): return rank() == 0
 def launched(): return world_size() > 1
 
 
+def usable_cores():
+    "The cores this process may run on: its CPU affinity (taskset, cgroups), which os.cpu_count() ignores."
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
 def _threads_per_process():
     "This machine's cores shared evenly among the run's processes on it (torchrun's default of 1 wastes the rest)."
-    from .runtime import usable_cores  # here: runtime imports the callbacks, which import this module
     return max(1, usable_cores() // int(os.environ.get('LOCAL_WORLD_SIZE', world_size())))
 
 
@@ -72,6 +75,14 @@ def check_batch_split(bs):
     n = world_size()
     if bs % n: raise CifarFastaiError(f'bs {bs} does not split evenly over {n} processes; choose a multiple of {n}')
     return bs // n
+
+
+@contextmanager
+def held_by_rank0(claim):
+    """The run folder `claim()` returns locked, held for the block by this process, or by rank 0 of a distributed
+    run, where the other ranks get None: they train beside it and write nothing. A refusal stops every rank."""
+    run = on_main(claim)
+    with run or nullcontext(): yield run
 
 
 def on_main(compute, share=False):

@@ -5,15 +5,13 @@ import fcntl
 import io
 import os
 import tempfile
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
-from .distributed import on_main
 from .errors import CifarFastaiError
 
-__all__ = ['RUN_FILES', 'RunFolder', 'RunFolderBusy', 'RunWriteError', 'atomic_write', 'held_by_rank0',
+__all__ = ['RUN_FILES', 'RunFolder', 'RunFolderBusy', 'RunWriteError', 'atomic_write',
            'writable_folder', 'writable_file', 'torch_bytes']
 
 RUN_FILES = ('config.json', 'history.csv', 'curves.png', 'checkpoint.pth', 'model.safetensors', 'model.json',
@@ -133,11 +131,3 @@ class RunFolder:
         if self.checkpoint_epoch is None: return '; no epoch had finished yet'
         return (f'; the last complete checkpoint ({self.path / "checkpoint.pth"}, after epoch {self.checkpoint_epoch}) '
                 f'is intact: make room and continue with cifar-fastai fit --resume {self.path}')
-
-
-@contextmanager
-def held_by_rank0(claim):
-    """The RunFolder `claim()` returns locked, held for the block by this process, or by rank 0 of a distributed
-    run, where the other ranks get None: they train beside it and write nothing. A refusal stops every rank."""
-    run = on_main(claim)
-    with run or nullcontext(): yield run

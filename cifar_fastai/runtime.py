@@ -12,17 +12,13 @@ from fastai.callback.progress import ProgressCallback
 from fastcore.basics import noop
 
 from .callbacks import CPUAutocast
+from .distributed import usable_cores
 from .errors import CifarFastaiError
 from .tta import ViewsTTA
 
-__all__ = ['usable_cores', 'default_workers', 'use_cuda', 'channels_last_helps', 'cpu_has_bf16', 'precision_available',
+__all__ = ['default_workers', 'use_cuda', 'channels_last_helps', 'cpu_has_bf16', 'precision_available',
            'autocast_callbacks', 'precision_callbacks', 'inference_callbacks', 'quiet_when_logged', 'silence',
            'versions']
-
-
-def usable_cores():
-    "The cores this process may run on: its CPU affinity (taskset, cgroups), which os.cpu_count() ignores."
-    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
 def default_workers():

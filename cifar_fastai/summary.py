@@ -1,6 +1,5 @@
 "A torchsummary-style layer table, built from forward hooks, to hold the network to the seed's."
 import torch
-from torch import nn
 
 __all__ = ['layer_table', 'format_layer_table']
 

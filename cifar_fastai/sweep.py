@@ -21,9 +21,10 @@ import optuna
 import pandas as pd
 from fastai.callback.core import Callback
 
-from .config import ADDED_SETTINGS, DEFAULTS, SETTINGS_VERSION, check_settings, resolve_settings
+from . import config
+from .config import DEFAULTS, check_settings, resolve_settings
 from .errors import CifarFastaiError
-from .runtime import usable_cores
+from .distributed import usable_cores
 
 __all__ = ['Spec', 'read_spec', 'plan', 'open_study', 'run_sweep', 'summarize', 'OptunaPruning']
 
@@ -47,8 +48,8 @@ class Spec:
         version that can say it (settings added since left out where they hold the value older runs behaved as), so a
         study planned before a setting was added is still joined and resumed. The last is today's."""
         out = []
-        for version in range(1, SETTINGS_VERSION + 1):
-            later = {k: v for added_in, added in ADDED_SETTINGS.items() if added_in > version for k, v in added.items()}
+        for version in range(1, config.SETTINGS_VERSION + 1):  # config's, read now: tests make a later version
+            later = config.added_since(version)
             if any(self.base[k] != v for k, v in later.items()): continue
             base = {k: v for k, v in self.base.items() if k not in later}
             out.append(hashlib.sha256(json.dumps([base, self.seeds, self.objective, self.trials, self.grid,
@@ -73,10 +74,10 @@ def read_spec(path):
     unknown = sorted(set(raw) - set(SPEC_KEYS) - set(DEFAULTS))
     if unknown: bad(f'unknown key(s) {", ".join(unknown)}; a SPEC holds {", ".join(SPEC_KEYS)} and settings of '
                     'config.DEFAULTS')
-    config = raw.get('config')
-    if config is not None and not isinstance(config, str): bad('config must be a path')
+    config_file = raw.get('config')
+    if config_file is not None and not isinstance(config_file, str): bad('config must be a path')
     fixed = {k: v for k, v in raw.items() if k in DEFAULTS}
-    base = resolve_settings(fixed, (path.parent / config) if config else None)
+    base = resolve_settings(fixed, (path.parent / config_file) if config_file else None)
     seeds = raw.get('seeds', [base['seed']])
     if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
             or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds)):
@@ -109,6 +110,10 @@ def read_spec(path):
         if r.get('log') and r['low'] <= 0: bad(f'[range] {k}: a log range needs low > 0')
         if not isinstance(r.get('log', False), bool): bad(f'[range] {k}: log must be true or false')
         for e in ('low', 'high'): _check_value(path, base, k, r[e], 'range')
+    for teachers in [base['teacher'], *grid.get('teacher', [])]:  # once here, not in every trial
+        missing = [t for t in teachers if not Path(t).expanduser().is_file()]
+        if missing: bad(f'teacher {missing[0]} does not exist (teacher paths are relative to the folder the sweep '
+                        'runs from)')
     trials = raw.get('trials')
     if ranges:
         if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:

@@ -9,7 +9,6 @@ import pandas as pd
 import torch
 from fastai.callback.core import CancelEpochException
 from fastai.metrics import AccumMetric
-from fastai.callback.channelslast import ChannelsLast
 from fastai.vision.all import CrossEntropyLossFlat, Learner, accuracy, set_seed
 
 from .artifacts import export_safetensors
@@ -19,13 +18,13 @@ from .callbacks import (HISTORY_COLUMNS, Checkpoint, HistoryCSV, LightFinish, Re
 from .config import SETTINGS_VERSION, upgrade_settings
 from .data import cifar_dataloaders, locate_data, normalization
 from .distill import Distillation, load_teachers
-from .distributed import (RankFailed, check_batch_split, distributed_callbacks, is_lost_peer, launched, on_main,
-                          peer_error_summary, rank, training_ctx, world_size)
+from .distributed import (RankFailed, check_batch_split, distributed_callbacks, held_by_rank0, is_lost_peer, launched,
+                          on_main, peer_error_summary, rank, training_ctx, world_size)
 from .errors import CifarFastaiError
 from .model import DilatedNet
 from .optim import linear_to_zero, sgd
-from .rundir import RunFolder, RunWriteError, held_by_rank0, writable_folder
-from .runtime import default_workers, precision_callbacks, quiet_when_logged, silence, versions
+from .rundir import RunFolder, RunWriteError, writable_folder
+from .runtime import channels_last_helps, default_workers, precision_callbacks, quiet_when_logged, silence, versions
 
 __all__ = ['ResumableLearner', 'RunInterrupted', 'build_learner', 'fit_run', 'resume_run']
 
@@ -194,7 +193,7 @@ def _fit(s, root, run, info, ckpt, precision_cbs, cbs=(), quiet=False):
     "Train; `run` is None on the ranks of a distributed run that write nothing (all but rank 0)."
     set_seed(s['seed'] + rank(), reproducible=True)  # each rank its own augmentations; rank 0 as a lone run
     learn = build_learner(s, root, path=run.path if run else '.')  # reads and checks every image before out is written
-    distill = _distillation(s, learn, precision_cbs)  # and every teacher
+    distill = _distillation(s, learn)  # and every teacher
     if quiet or not run: silence(learn)
     if run and not ckpt:
         run.clear()  # --force
@@ -239,13 +238,14 @@ def _fit(s, root, run, info, ckpt, precision_cbs, cbs=(), quiet=False):
     return learn
 
 
-def _distillation(s, learn, precision_cbs):
-    "The Distillation callback for the run's teachers, if it has any, each checked against the student's data."
+def _distillation(s, learn):
+    """The Distillation callback for the run's teachers, each checked against the student's data; None without
+    teachers, or with weight 0 (their targets would count for nothing: no forwards spent on them)."""
     if not s['teacher']: return None
     teachers = load_teachers(s['teacher'], learn.dls.vocab, normalization(learn.dls))
-    channels_last = any(isinstance(c, ChannelsLast) for c in precision_cbs)
+    if not s['distill_weight']: return None
     return Distillation(teachers, s['distill_weight'], s['distill_temperature'],
-                        torch.channels_last if channels_last else torch.contiguous_format)
+                        torch.channels_last if channels_last_helps(s['precision']) else torch.contiguous_format)
 
 
 def _export_learner(learn, run):

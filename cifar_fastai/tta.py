@@ -9,7 +9,7 @@ from fastai.callback.core import Callback
 from .callbacks import CPUAutocast
 from .config import TTA_VIEWS
 
-__all__ = ['view', 'describe_views', 'ViewsTTA']
+__all__ = ['view', 'log_mean_prob', 'ViewsTTA']
 
 
 def view(x, mirrored, dy, dx):
@@ -20,7 +20,10 @@ def view(x, mirrored, dy, dx):
     return F.pad(x, (p, p, p, p), mode='reflect')[..., p - dy:p - dy + h, p - dx:p - dx + w]
 
 
-def describe_views(name): return f'{name} TTA, {len(TTA_VIEWS[name])} views'
+def log_mean_prob(log_probs):
+    "The log of the mean of the distributions whose log-probabilities are `log_probs` (a list of (N, classes))."
+    if len(log_probs) == 1: return log_probs[0]
+    return torch.stack(log_probs).logsumexp(0) - math.log(len(log_probs))
 
 
 class ViewsTTA(Callback):
@@ -37,4 +40,4 @@ class ViewsTTA(Callback):
         preds = [self.pred.float() if v == (False, 0, 0) else self.model(view(x, *v)).float() for v in self.views]
         # log of the mean probability: valid logits (their softmax is that mean), so losses, metrics,
         # get_preds and ClassificationInterpretation all see the averaged prediction.
-        self.learn.pred = torch.stack(preds).log_softmax(-1).logsumexp(0) - math.log(len(preds))
+        self.learn.pred = log_mean_prob([p.log_softmax(-1) for p in preds])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from cifar_fastai.artifacts import load_for_inference, trained_precision
+from cifar_fastai.artifacts import inference_precision, load_for_inference
 from cifar_fastai.data import cifar_files, locate_data
 from cifar_fastai.runtime import inference_callbacks, silence
 
@@ -25,7 +25,7 @@ def main():
         classes = classes or list(learn.dls.vocab)
         if list(learn.dls.vocab) != classes: raise SystemExit(f'{model}: its classes differ from the first model\'s')
         p, targets = learn.get_preds(dl=learn.dls.test_dl(test, with_labels=True, bs=256),
-                                     cbs=inference_callbacks(learn, trained_precision(model) or 'fp32'))
+                                     cbs=inference_callbacks(learn, inference_precision(model)))
         probs.append(p.float())
         rows.append(dict(model=model, accuracy=(p.argmax(1) == targets).float().mean().item()))
     mean = torch.stack(probs).mean(0)

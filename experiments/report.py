@@ -3,6 +3,7 @@
 Run: python experiments/report.py   (rewrites the parts of README.md between the report markers)
 """
 import inspect
+import itertools
 import json
 import re
 from pathlib import Path
@@ -19,10 +20,7 @@ RESULTS = ROOT / 'experiments' / 'results'
 def results_table(results=RESULTS):
     "One row per run folder: recipe, epochs done, final and best test accuracy, time, machine, command."
     rows = []
-    for hist in sorted(results.glob('*/history.csv')):
-        run = hist.parent
-        cfg = json.loads((run / 'config.json').read_text())
-        s, h = cfg['settings'], pd.read_csv(hist)
+    for run, cfg, s, h in runs(results):
         schedule = {'step': f'SGD + StepLR({s["step_size"]}, {s["gamma"]})', 'one-cycle': 'one-cycle (SGD)',
                     'linear': 'linear to 0 (SGD)'}[s['schedule']]
         status = f'{len(h)}/{s["epochs"]}' + ('' if len(h) == s['epochs'] else ' (running)')
@@ -37,13 +35,17 @@ def results_table(results=RESULTS):
     return markdown(pd.DataFrame(rows)) if rows else '(no runs yet)'
 
 
-def finished_runs(results=RESULTS, pattern='*/history.csv'):
-    """Every finished run whose history matches `pattern` below `results` ('**/history.csv': sweep trials too):
-    its folder, config.json, settings in today's terms and history."""
+def runs(results=RESULTS, pattern='*/history.csv'):
+    """Every run whose history matches `pattern` below `results` ('**/history.csv': sweep trials too): its folder,
+    config.json, settings in today's terms and history."""
     for hist in sorted(results.glob(pattern)):
-        cfg, h = json.loads((hist.parent / 'config.json').read_text()), pd.read_csv(hist)
-        s = upgrade_settings(cfg['settings'], cfg.get('settings_version', 1))  # older runs in today's terms
-        if len(h) == s['epochs']: yield hist.parent, cfg, s, h
+        cfg = json.loads((hist.parent / 'config.json').read_text())
+        yield hist.parent, cfg, upgrade_settings(cfg['settings'], cfg.get('settings_version', 1)), pd.read_csv(hist)
+
+
+def finished_runs(results=RESULTS, pattern='*/history.csv'):
+    "The runs that did all their epochs."
+    return ((run, cfg, s, h) for run, cfg, s, h in runs(results, pattern) if len(h) == s['epochs'])
 
 
 def recipe(settings, ignore=()):
@@ -121,7 +123,7 @@ def plot_budgets(b, path, title):
     fig, ax = plt.subplots(figsize=(6, 4))
     for epochs, g in b.groupby('epochs'):
         dots = ax.scatter(g.cpu_hours, g.accuracy * 100, label=f'{epochs} epochs')
-        for v, marker in zip(TTA_VIEWS, 'os'):
+        for v, marker in zip(TTA_VIEWS, itertools.cycle('os^v')):
             ax.scatter(g.cpu_hours, g[f'{v} TTA'] * 100, facecolors='none', edgecolors=dots.get_facecolor(), marker=marker)
     ax.set(xlabel='CPU-hours (training time x threads)', ylabel='test accuracy (%)',
            title=f'{title}: filled single view, hollow TTA ({", ".join(TTA_VIEWS)})')
@@ -204,7 +206,7 @@ def tta_table(results=RESULTS):
     if not found: return '(no TTA measurements committed yet)'
     table = next(iter(found.values()))[['views', 'n_views']].rename(columns={'n_views': 'views per image'})
     for model, t in found.items():
-        table[model] = table.views.map(t.set_index('views').accuracy).map(lambda a: f'{a:.2%}')
+        table[model] = table.views.map(t.set_index('views').accuracy).map(lambda a: spread([a]))
     return markdown(table)
 
 
@@ -249,13 +251,14 @@ def replace(text, name, body):
 
 if __name__ == '__main__':
     readme, experiments = ROOT / 'README.md', ROOT / 'experiments'
-    spec_mean = pd.Series([h.accuracy.iloc[-1] for *_, h in runs_of(experiments / 'spec.toml')]).mean()
+    spec = [h.accuracy.iloc[-1] for *_, h in runs_of(experiments / 'spec.toml')]
+    spec_mean = sum(spec) / len(spec) if spec else None
     text = readme.read_text()
     for name, body in (('results', results_table()), ('sweeps', sweeps_table()), ('tta', tta_table()),
                        ('recipes', recipes_table()), ('bench', bench_table()),
                        ('fewest-epochs', budget_table(experiments / 'one-cycle.toml', target=spec_mean)),
                        ('best-budgets', budget_table(experiments / 'best.toml')),
                        ('ablation', ablation_table(experiments / 'best.toml', ABLATION_EPOCHS)),
-                       ('per-class', per_class_table([experiments / 'spec.toml', experiments / 'best.toml']))):
+                       ('per-class', per_class_table([experiments / f'{name}.toml' for name in ('spec', 'mild', 'best')]))):
         text = replace(text, name, body)
     readme.write_text(text)

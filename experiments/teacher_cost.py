@@ -12,11 +12,10 @@ import pandas as pd
 
 from cifar_fastai.config import resolve_settings
 from cifar_fastai.runtime import cpu_has_bf16, versions
+from cifar_fastai.sweep import read_spec
 from cifar_fastai.train import fit_run
 
-TEACHERS = ['experiments/results/best/model.safetensors', 'experiments/results/spec/model.safetensors',
-            'experiments/results/spec-seed1/model.safetensors']
-IMAGES = 5000 + 1000  # trained + validated per epoch
+TEACHERS = read_spec('experiments/sweeps/distill.toml').base['teacher']  # the distill sweep's three
 
 
 def main():
@@ -26,6 +25,7 @@ def main():
     args = ap.parse_args()
     base = resolve_settings({'train_size': 5000, 'valid_size': 1000, 'epochs': 2, 'workers': 0},
                             'experiments/one-cycle.toml')
+    images = base['train_size'] + base['valid_size']  # trained + validated per epoch
     base['precision'] = 'bf16' if cpu_has_bf16() else 'fp32'
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -34,8 +34,8 @@ def main():
                 out = Path(tmp) / f'{r}-{n}'
                 fit_run({**base, 'teacher': TEACHERS[:n]}, out, data=args.data, quiet=True)
                 seconds = pd.read_csv(out / 'history.csv').seconds.iloc[1]
-                rows.append(dict(round=r, teachers=n, seconds=seconds, images_per_s=IMAGES / seconds))
-                print(f'round {r}, {n} teacher(s): {seconds:.1f} s, {IMAGES / seconds:.0f} images/s', flush=True)
+                rows.append(dict(round=r, teachers=n, seconds=seconds, images_per_s=images / seconds))
+                print(f'round {r}, {n} teacher(s): {seconds:.1f} s, {images / seconds:.0f} images/s', flush=True)
     t = pd.DataFrame(rows).assign(machine=versions()['device'], precision=base['precision'])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     t.to_csv(args.out, index=False)

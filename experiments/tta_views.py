@@ -5,19 +5,19 @@ probabilities averaged as `evaluate --tta` averages them.
 Run: python experiments/tta_views.py MODEL --data PATH --out experiments/results/tta/NAME.csv
 """
 import argparse
-import math
+from functools import partial
 from itertools import product
 from pathlib import Path
 
 import pandas as pd
-import torch
+import torch.nn.functional as F
 from fastai.callback.core import Callback
 
-from cifar_fastai.artifacts import load_for_inference, trained_precision
+from cifar_fastai.artifacts import inference_precision, load_for_inference
 from cifar_fastai.data import cifar_files, locate_data
 from cifar_fastai.runtime import inference_callbacks, silence
 from cifar_fastai.config import TTA_VIEWS
-from cifar_fastai.tta import view
+from cifar_fastai.tta import log_mean_prob, view
 
 MOVES = range(-2, 3)
 ALL_VIEWS = [(f, dy, dx) for f in (False, True) for dy, dx in product(MOVES, MOVES)]
@@ -47,17 +47,17 @@ def main():
     ap.add_argument('model'), ap.add_argument('--data', required=True), ap.add_argument('--out', required=True)
     args = ap.parse_args()
     learn = silence(load_for_inference(args.model))
-    precision = trained_precision(args.model) or 'fp32'
+    precision = inference_precision(args.model)
     _, test, _ = cifar_files(locate_data(args.data))
     dl = learn.dls.test_dl(test, with_labels=True, bs=256)
     cbs = inference_callbacks(learn, precision)
     logp, targets = {}, None
     for v in ALL_VIEWS:
-        probs, targets = learn.get_preds(dl=dl, cbs=[*cbs, OneView(v)])
-        logp[v] = probs.float().clamp_min(1e-30).log()
+        logp[v], targets = learn.get_preds(dl=dl, cbs=[*cbs, OneView(v)], act=partial(F.log_softmax, dim=-1))
+        logp[v] = logp[v].float()
     rows = []
     for name, views in candidate_sets().items():
-        mean_logp = torch.stack([logp[v] for v in views]).logsumexp(0) - math.log(len(views))
+        mean_logp = log_mean_prob([logp[v] for v in views])
         rows.append(dict(views=name, n_views=len(views), accuracy=(mean_logp.argmax(1) == targets).float().mean().item()))
     table = pd.DataFrame(rows)
     singles = pd.Series({v: (logp[v].argmax(1) == targets).float().mean().item() for v in ALL_VIEWS})

@@ -5,7 +5,6 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from cifar_fastai.config import resolve_settings
@@ -86,7 +85,7 @@ def test_a_teacher_that_cannot_teach_is_refused_before_the_run_folder_is_made(tm
     assert not (tmp_path / 'student').exists()
 
 
-def test_teacher_settings_out_of_range_are_refused_in_one_line():
+def test_distillation_and_light_epoch_settings_out_of_range_are_refused():
     for bad, match in (({'teacher': 'model.safetensors'}, 'teacher must be a list'),
                        ({'distill_weight': 1.5}, 'distill-weight must be between 0 and 1'),
                        ({'distill_temperature': 0.0}, 'distill-temperature must be positive'),

@@ -66,7 +66,7 @@ def test_evaluate_falls_back_to_fp32_where_the_trained_precision_is_missing(caps
     info['config']['precision'] = 'bf16'
     model.with_suffix('.json').write_text(json.dumps(info))
     code, out, err = run_main(capsys, 'evaluate', model, '--data', root, '--out', tmp_path)
-    assert code == 0 and 'trained in bf16, which this machine does not run; evaluating in fp32' in err
+    assert code == 0 and 'trained in bf16, which this machine does not run; running it in fp32' in err
     _, valid_acc = learn.validate()
     assert re.search(r'accuracy: ([0-9.]+) \(\d+/15 test images, fp32\)', out).group(1) == f'{valid_acc:.4f}'
     # Asked for by name, a missing precision is still an error.
@@ -237,7 +237,7 @@ def test_tta_averages_the_probabilities_of_each_image_over_its_views(capsys, tmp
     assert torch.allclose(tta_probs, probs, atol=1e-5)
 
 
-def test_predict_with_tta_gives_each_file_the_probabilities_evaluate_averages(capsys, trained):
+def test_predict_with_tta_gives_each_file_the_mean_probability_of_its_views(capsys, trained):
     learn, run, root = trained
     _, test, _ = cifar_files(root)
     code, out, _ = run_main(capsys, 'predict', run / 'model.safetensors', *test, '--tta', 'flip-shift1',

@@ -2,12 +2,10 @@
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import pandas as pd
 import pytest
@@ -87,7 +85,7 @@ def test_sigterm_stops_a_run_like_ctrl_c_and_it_resumes_to_the_same_end(tmp_path
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert f'interrupted; ' in one_line(err) and f'fit --resume {run}' in err
+    assert 'interrupted; ' in one_line(err) and f'fit --resume {run}' in err
     assert not list(run.glob('*.tmp')) and not (run / 'learner.pkl').exists()
     run_cli('fit', '--resume', run)
     assert history(run).equals(history(tmp_path / 'whole'))

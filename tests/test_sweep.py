@@ -10,7 +10,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from cifar_fastai import sweep
+from cifar_fastai import config, sweep
 from cifar_fastai.cli import main
 from cifar_fastai.errors import CifarFastaiError
 from conftest import make_cifar, run_cli
@@ -146,6 +146,7 @@ def one_line_error(capsys, args, match):
     ('objective = "loss"\n', 'objective must be one of'),
     ('[pruner]\nname = "NoSuchPruner"\n', 'is not an Optuna pruner'),
     ('[pruner]\nname = "MedianPruner"\nfoo = 1\n', "[pruner]"),
+    ('[grid]\nteacher = [[], ["none/model.safetensors"]]\n', 'teacher none/model.safetensors does not exist'),
 ])
 def test_a_bad_spec_fails_in_one_line_before_anything_runs(capsys, tmp_path, data, text, match):
     out = tmp_path / 'sweep'
@@ -170,13 +171,14 @@ def test_bad_arguments_fail_in_one_line(capsys, tmp_path, data):
     assert sorted((out / 'trials').iterdir()) == trials and len(study_of(out, 'first').trials) == 1
 
 
-def test_a_study_planned_before_a_setting_was_added_is_joined_while_the_setting_keeps_its_old_behaviour(tmp_path, monkeypatch):
+def test_a_study_planned_before_a_setting_was_added_is_joined_and_refused_once_the_setting_is_changed(
+        tmp_path, monkeypatch):
     spec = sweep.read_spec(spec_file(tmp_path, GRID))
     storage = f'sqlite:///{tmp_path / "study.db"}'
     sweep.open_study(spec, storage, 'grid')
-    version = sweep.SETTINGS_VERSION + 1  # the code moves on: a new setting, off (False) in every older run
-    monkeypatch.setattr(sweep, 'SETTINGS_VERSION', version)
-    monkeypatch.setattr(sweep, 'ADDED_SETTINGS', {**sweep.ADDED_SETTINGS, version: dict(new_lever=False)})
+    version = config.SETTINGS_VERSION + 1  # the code moves on: a new setting, off (False) in every older run
+    monkeypatch.setattr(config, 'SETTINGS_VERSION', version)
+    monkeypatch.setattr(config, 'ADDED_SETTINGS', {**config.ADDED_SETTINGS, version: dict(new_lever=False)})
     def respec(value): return sweep.Spec(spec.path, {**spec.base, 'new_lever': value}, spec.seeds, spec.objective,
                                          spec.trials, spec.grid, spec.ranges, spec.pruner)
     assert len(sweep.open_study(respec(False), storage, 'grid').trials) == 8  # joined, nothing queued again
