@@ -1,5 +1,6 @@
 """Knowledge distillation: the seed's network (the student, which is trained, exported and shipped) learns from the
 labels and from the averaged, softened predictions of trained teachers on the same augmented batch."""
+import hashlib
 import math
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from .errors import CifarFastaiError
 from .modelio import read_model
 from .tta import log_mean_prob
 
-__all__ = ['load_teachers', 'Distillation']
+__all__ = ['load_teachers', 'teacher_digests', 'Distillation']
 
 
 def load_teachers(paths, classes, stats):
@@ -34,6 +35,11 @@ def load_teachers(paths, classes, stats):
             raise CifarFastaiError(f'teacher: {p} was trained on differently normalised images')
         teachers.append(model)
     return teachers
+
+
+def teacher_digests(paths):
+    "Each teacher file's sha256, recorded with the run: a resumed run learns from the very teachers it started with."
+    return {str(p): hashlib.sha256(Path(p).expanduser().read_bytes()).hexdigest() for p in paths}
 
 
 class Distillation(Callback):

@@ -17,7 +17,7 @@ from .callbacks import (HISTORY_COLUMNS, Checkpoint, HistoryCSV, LightFinish, Re
                         StepLRScheduler, StopOnSigterm, WeightAveraging)
 from .config import SETTINGS_VERSION, upgrade_settings
 from .data import cifar_dataloaders, locate_data, normalization
-from .distill import Distillation, load_teachers
+from .distill import Distillation, load_teachers, teacher_digests
 from .distributed import (RankFailed, check_batch_split, distributed_callbacks, held_by_rank0, is_lost_peer, launched,
                           on_main, peer_error_summary, rank, training_ctx, world_size)
 from .errors import CifarFastaiError
@@ -163,8 +163,9 @@ def _reconcile_config(run, ckpt):
     data = cfg.get('data', ckpt.get('data'))
     if not isinstance(data, str): raise CifarFastaiError(f'resume: {path} names no data folder')
     # Only what a run records: keys added to config.json by hand go no further.
+    teachers = ckpt.get('teachers', cfg.get('teachers'))
     return dict(settings=s, settings_version=SETTINGS_VERSION, data=data, versions=cfg.get('versions', {}),
-                world_size=ckpt.get('world_size', 1))
+                world_size=ckpt.get('world_size', 1), **({'teachers': teachers} if teachers else {}))
 
 
 def _history_rows(run, ckpt):
@@ -193,7 +194,7 @@ def _fit(s, root, run, info, ckpt, precision_cbs, cbs=(), quiet=False):
     "Train; `run` is None on the ranks of a distributed run that write nothing (all but rank 0)."
     set_seed(s['seed'] + rank(), reproducible=True)  # each rank its own augmentations; rank 0 as a lone run
     learn = build_learner(s, root, path=run.path if run else '.')  # reads and checks every image before out is written
-    distill = _distillation(s, learn)  # and every teacher
+    distill = _distillation(s, learn, info)  # and every teacher
     if quiet or not run: silence(learn)
     if run and not ckpt:
         run.clear()  # --force
@@ -238,11 +239,17 @@ def _fit(s, root, run, info, ckpt, precision_cbs, cbs=(), quiet=False):
     return learn
 
 
-def _distillation(s, learn):
-    """The Distillation callback for the run's teachers, each checked against the student's data; None without
-    teachers, or with weight 0 (their targets would count for nothing: no forwards spent on them)."""
+def _distillation(s, learn, info):
+    """The Distillation callback for the run's teachers, each checked against the student's data and, when the run
+    resumes, against the files it started with (their digests recorded in `info`); None without teachers, or with
+    weight 0 (their targets would count for nothing: no forwards spent on them)."""
     if not s['teacher']: return None
     teachers = load_teachers(s['teacher'], learn.dls.vocab, normalization(learn.dls))
+    digests = teacher_digests(s['teacher'])
+    changed = [p for p, d in (info.get('teachers') or digests).items() if digests.get(p) != d]
+    if changed: raise CifarFastaiError(f'resume: teacher {changed[0]} has changed since the run started; restore it '
+                                       'or start the run again')
+    info['teachers'] = digests  # into config.json and every checkpoint
     if not s['distill_weight']: return None
     return Distillation(teachers, s['distill_weight'], s['distill_temperature'],
                         torch.channels_last if channels_last_helps(s['precision']) else torch.contiguous_format)

@@ -116,19 +116,22 @@ def budget_table(config, results=RESULTS, target=None):
 
 
 def plot_budgets(b, path, title):
-    "Each run's accuracy against its CPU-hours, one colour per number of epochs, TTA as hollow markers."
+    """Each run's accuracy against its epochs (left) and its CPU-hours (right, the runs that recorded their threads),
+    one colour per number of epochs; TTA as hollow markers."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for epochs, g in b.groupby('epochs'):
-        dots = ax.scatter(g.cpu_hours, g.accuracy * 100, label=f'{epochs} epochs')
-        for v, marker in zip(TTA_VIEWS, itertools.cycle('os^v')):
-            ax.scatter(g.cpu_hours, g[f'{v} TTA'] * 100, facecolors='none', edgecolors=dots.get_facecolor(), marker=marker)
-    ax.set(xlabel='CPU-hours (training time x threads)', ylabel='test accuracy (%)',
-           title=f'{title}: filled single view, hollow TTA ({", ".join(TTA_VIEWS)})')
-    ax.legend(fontsize='small')
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, x, label in zip(axes, ('epochs', 'cpu_hours'), ('epochs', 'CPU-hours (training time x threads)')):
+        for epochs, g in b.groupby('epochs'):
+            dots = ax.scatter(g[x], g.accuracy * 100, label=f'{epochs} epochs')
+            for v, marker in zip(TTA_VIEWS, itertools.cycle('os^v')):
+                ax.scatter(g[x], g[f'{v} TTA'] * 100, facecolors='none', edgecolors=dots.get_facecolor(), marker=marker)
+        ax.set(xlabel=label)
+        ax.grid(alpha=0.3)
+    axes[0].set(ylabel='test accuracy (%)')
+    axes[1].legend(fontsize='small')
+    fig.suptitle(f'{title}: filled single view, hollow TTA ({", ".join(TTA_VIEWS)})')
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

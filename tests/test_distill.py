@@ -5,10 +5,11 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from cifar_fastai.config import resolve_settings
-from cifar_fastai.distill import Distillation
+from cifar_fastai.distill import Distillation, teacher_digests
 from cifar_fastai.errors import CifarFastaiError
 from cifar_fastai.train import fit_run, resume_run
 from conftest import make_cifar, stopped_run
@@ -69,6 +70,20 @@ def test_a_taught_run_continued_from_its_checkpoint_ends_as_if_never_stopped(tmp
     resume_run(run)
     a, b = load_file(str(run / 'model.safetensors')), load_file(str(tmp_path / 'whole' / 'model.safetensors'))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_taught_run_refuses_to_resume_once_its_teacher_file_has_changed(tmp_path, teacher):
+    data, model = teacher
+    mine = tmp_path / 'teacher' / 'model.safetensors'  # a copy: the module's teacher stays as it is
+    mine.parent.mkdir()
+    for suffix in ('.safetensors', '.json'): mine.with_suffix(suffix).write_bytes(model.with_suffix(suffix).read_bytes())
+    run, _ = stopped_run(resolve_settings({**TINY, 'epochs': 3, 'teacher': [str(mine)]}), 1, tmp_path, data)
+    assert json.loads((run / 'config.json').read_text())['teachers'] == teacher_digests([str(mine)])
+    with safe_open(str(mine), 'pt') as f: meta, weights = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k for k in weights if weights[k].is_floating_point())
+    save_file({**weights, name: weights[name] * 1.01}, str(mine), metadata=meta)  # re-exported, a little different
+    with pytest.raises(CifarFastaiError, match=f'teacher {mine} has changed since the run started'): resume_run(run)
+    assert (run / 'checkpoint.pth').exists() and not (run / 'learner.pkl').exists()
 
 
 @pytest.mark.parametrize('why', ['missing', 'pickle', 'other classes'])
