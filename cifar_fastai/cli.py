@@ -141,6 +141,7 @@ def evaluate(model: Annotated[str, 'learner.pkl, or model.safetensors with model
     from .interpret import evaluate_learner
     from .rundir import writable_folder
     from .runtime import inference_callbacks, quiet_when_logged
+    from .tta import file_suffix
     out = writable_folder(out) if out else _evaluation_folder(model)  # before minutes of work, not after
     learn = quiet_when_logged(load_for_inference(model, cpu))
     root = locate_data(data)
@@ -148,7 +149,7 @@ def evaluate(model: Annotated[str, 'learner.pkl, or model.safetensors with model
     if list(classes) != list(learn.dls.vocab):
         raise CifarFastaiError(f'data: classes {classes} differ from the model\'s {list(learn.dls.vocab)}')
     precision = precision or inference_precision(model)
-    suffix = f'_tta-{tta}' if tta else ''
+    suffix = file_suffix(tta)
     acc, table = evaluate_learner(learn, test, out, cbs=inference_callbacks(learn, precision, tta), suffix=suffix)
     print(table.to_string(float_format=lambda v: f'{v:.4f}'))
     print(f'accuracy: {acc:.4f} ({int(table.correct.sum())}/{int(table.images.sum())} test images, {precision}'

@@ -9,7 +9,7 @@ from fastai.callback.core import Callback
 from .callbacks import CPUAutocast
 from .config import TTA_VIEWS
 
-__all__ = ['view', 'log_mean_prob', 'ViewsTTA']
+__all__ = ['view', 'log_mean_prob', 'file_suffix', 'ViewsTTA']
 
 
 def view(x, mirrored, dy, dx):
@@ -18,6 +18,11 @@ def view(x, mirrored, dy, dx):
     if not (dy or dx): return x
     p, (h, w) = max(abs(dy), abs(dx)), x.shape[-2:]
     return F.pad(x, (p, p, p, p), mode='reflect')[..., p - dy:p - dy + h, p - dx:p - dx + w]
+
+
+def file_suffix(views):
+    "What evaluate adds to its files' names for TTA over the view set `views` (None: single view)."
+    return f'_tta-{views}' if views else ''
 
 
 def log_mean_prob(log_probs):

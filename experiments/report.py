@@ -12,6 +12,7 @@ import pandas as pd
 
 from cifar_fastai.cli import _settings
 from cifar_fastai.config import DEFAULTS, TTA_VIEWS, resolve_settings, upgrade_settings
+from cifar_fastai.tta import file_suffix
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / 'experiments' / 'results'
@@ -181,7 +182,7 @@ def ablation_table(config, epochs, results=RESULTS):
 
 def tta_value(run, views):
     "Accuracy from `cifar-fastai evaluate RUN/model.safetensors --tta VIEWS` (NaN where it has not been run)."
-    table = run / f'per_class_tta-{views}.csv'
+    table = run / f'per_class{file_suffix(views)}.csv'
     if not table.exists(): return float('nan')
     t = pd.read_csv(table)
     return t.correct.sum() / t.images.sum()
