@@ -163,7 +163,10 @@ def _reconcile_config(run, ckpt):
     data = cfg.get('data', ckpt.get('data'))
     if not isinstance(data, str): raise CifarFastaiError(f'resume: {path} names no data folder')
     # Only what a run records: keys added to config.json by hand go no further.
-    teachers = ckpt.get('teachers', cfg.get('teachers'))
+    teachers = ckpt.get('teachers')  # the checkpoint's: config.json is only its copy
+    if teachers is not None and not (isinstance(teachers, dict) and all(isinstance(v, str) for v in teachers.values())):
+        raise CifarFastaiError(f'resume: {run.path / "checkpoint.pth"}: its teachers record is damaged; start the '
+                               'run again')
     return dict(settings=s, settings_version=SETTINGS_VERSION, data=data, versions=cfg.get('versions', {}),
                 world_size=ckpt.get('world_size', 1), **({'teachers': teachers} if teachers else {}))
 
@@ -245,11 +248,15 @@ def _distillation(s, learn, info):
     weight 0 (their targets would count for nothing: no forwards spent on them)."""
     if not s['teacher']: return None
     teachers = load_teachers(s['teacher'], learn.dls.vocab, normalization(learn.dls))
-    digests = teacher_digests(s['teacher'])
-    changed = [p for p, d in (info.get('teachers') or digests).items() if digests.get(p) != d]
-    if changed: raise CifarFastaiError(f'resume: teacher {changed[0]} has changed since the run started; restore it '
-                                       'or start the run again')
-    info['teachers'] = digests  # into config.json and every checkpoint
+    def unchanged():
+        digests = teacher_digests(s['teacher'])
+        changed = [p for p, d in (info.get('teachers') or digests).items() if digests.get(p) != d]
+        if changed: raise CifarFastaiError(f'resume: teacher {changed[0]} has changed since the run started; '
+                                           'restore it or start the run again')
+        return digests
+    # Rank 0's files are the reference (a refusal there stops every rank); checkpoints from before this record
+    # have none, and start it now.
+    info['teachers'] = on_main(unchanged, share=True)  # into every checkpoint (and a new run's config.json)
     if not s['distill_weight']: return None
     return Distillation(teachers, s['distill_weight'], s['distill_temperature'],
                         torch.channels_last if channels_last_helps(s['precision']) else torch.contiguous_format)

@@ -50,8 +50,10 @@ def finished_runs(results=RESULTS, pattern='*/history.csv'):
 
 
 def recipe(settings, ignore=()):
-    "The settings that make a recipe: all but the seed and the loader's workers (and `ignore`)."
-    return {k: v for k, v in settings.items() if k not in ('seed', 'workers', *ignore)}
+    """The settings that make a recipe: all but the seed and the loader's workers (and `ignore`); without teachers,
+    the distillation weight and temperature are unused and left out too."""
+    unused = () if settings['teacher'] else ('distill_weight', 'distill_temperature')
+    return {k: v for k, v in settings.items() if k not in ('seed', 'workers', *unused, *ignore)}
 
 
 def runs_of(config, results=RESULTS, ignore=()):
@@ -99,7 +101,7 @@ def budgets(config, results=RESULTS):
 def budget_table(config, results=RESULTS, target=None):
     """`config`'s recipe at each number of epochs it was run for, mean +- std over seeds, single view and with TTA;
     `target`: an accuracy the mean is checked against. Writes the runs behind it to results/budgets/NAME.csv and
-    their accuracy against CPU-hours to NAME.png."""
+    their accuracy against epochs and CPU-hours to NAME.png."""
     b = budgets(config, results)
     if b.empty: return f'(no finished runs of {Path(config).name} yet)'
     out = results / 'budgets' / Path(config).stem
@@ -168,9 +170,10 @@ def ablation_table(config, epochs, results=RESULTS):
     base = recipe(resolve_settings({'epochs': epochs}, config))
     groups = {}
     for _, _, s, h in finished_runs(results, '**/history.csv'):
-        changed = {k: v for k, v in recipe(s).items() if v != base[k]}
+        changed = {k: v for k, v in recipe(s).items() if v != base.get(k)}
         lever = next((name for name, keys in LEVERS.items() if set(changed) <= set(keys)), None)
-        if lever: groups.setdefault((lever if changed else '', json.dumps(changed)), []).append(h.accuracy.iloc[-1])
+        key = (lever if changed else '', json.dumps(changed, sort_keys=True))
+        if lever: groups.setdefault(key, []).append(h.accuracy.iloc[-1])
     if ('', '{}') not in groups: return f'(no finished run of {Path(config).name} at {epochs} epochs yet)'
     mean = pd.Series(groups[('', '{}')]).mean()
     rows = [{'lever': lever or f'none: {Path(config).name} at {epochs} epochs', 'changed to': ', '.join(

@@ -1,6 +1,7 @@
 """Question: what does distillation cost per student epoch, with 0, 1 and 3 teachers? Short fits (5,000 training
 and 1,000 test images, 2 one-cycle epochs, bf16 where the CPU has it) in this one process, the three settings
-taking turns for ROUNDS rounds; each fit's second epoch is timed (the first warms up). Run on an idle machine:
+taking turns for ROUNDS rounds; each fit's second epoch is timed (the first warms up). Run on an idle machine,
+from the repository root (the teachers' paths are relative to it):
 
     python experiments/teacher_cost.py --data PATH [--rounds 3] --out experiments/results/bench/teacher-cost.csv
 """
@@ -15,7 +16,7 @@ from cifar_fastai.runtime import cpu_has_bf16, versions
 from cifar_fastai.sweep import read_spec
 from cifar_fastai.train import fit_run
 
-TEACHERS = read_spec('experiments/sweeps/distill.toml').base['teacher']  # the distill sweep's three
+TEACHERS = read_spec(Path(__file__).parent / 'sweeps' / 'distill.toml').base['teacher']  # the distill sweep's three
 
 
 def main():

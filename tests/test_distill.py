@@ -86,6 +86,14 @@ def test_a_taught_run_refuses_to_resume_once_its_teacher_file_has_changed(tmp_pa
     assert (run / 'checkpoint.pth').exists() and not (run / 'learner.pkl').exists()
 
 
+def test_a_damaged_teachers_record_in_the_checkpoint_is_refused_in_one_line(tmp_path, teacher):
+    data, model = teacher
+    run, _ = stopped_run(resolve_settings({**TINY, 'epochs': 3, 'teacher': [str(model)]}), 1, tmp_path, data)
+    ckpt = torch.load(run / 'checkpoint.pth', weights_only=False)
+    torch.save({**ckpt, 'teachers': [str(model)]}, run / 'checkpoint.pth')
+    with pytest.raises(CifarFastaiError, match='its teachers record is damaged'): resume_run(run)
+
+
 @pytest.mark.parametrize('why', ['missing', 'pickle', 'other classes'])
 def test_a_teacher_that_cannot_teach_is_refused_before_the_run_folder_is_made(tmp_path, teacher, why):
     data, model = teacher

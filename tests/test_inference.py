@@ -237,7 +237,7 @@ def test_tta_averages_the_probabilities_of_each_image_over_its_views(capsys, tmp
     assert torch.allclose(tta_probs, probs, atol=1e-5)
 
 
-def test_predict_with_tta_gives_each_file_the_mean_probability_of_its_views(capsys, trained):
+def test_predict_with_tta_gives_each_file_the_probabilities_of_the_tta_callback(capsys, trained):
     learn, run, root = trained
     _, test, _ = cifar_files(root)
     code, out, _ = run_main(capsys, 'predict', run / 'model.safetensors', *test, '--tta', 'flip-shift1',

@@ -65,13 +65,13 @@ def test_recipes_table_groups_finished_runs_over_seeds(tmp_path):
     assert '| c (3) | 1 | 70.00% | 70.00% - 70.00% |' in table and 'd (4)' not in table
 
 
-def finished_run(folder, config, acc, threads=None, per_class=None, **flags):
-    "A finished run folder of `config`'s recipe with `flags` changed: 60 s epochs ending at accuracy `acc`."
+def finished_run(folder, config, acc, threads=None, per_class=None, seconds=60.0, **flags):
+    "A finished run folder of `config`'s recipe with `flags` changed: epochs of `seconds` ending at accuracy `acc`."
     folder.mkdir(parents=True)
     s = resolve_settings(flags, config)
     versions = {'device': 'CPU: test', **({'threads': threads} if threads else {})}
     (folder / 'config.json').write_text(json.dumps(dict(settings=s, settings_version=5, versions=versions)))
-    pd.DataFrame(dict(epoch=range(s['epochs']), accuracy=acc, seconds=60.0)).to_csv(folder / 'history.csv', index=False)
+    pd.DataFrame(dict(epoch=range(s['epochs']), accuracy=acc, seconds=seconds)).to_csv(folder / 'history.csv', index=False)
     if per_class: pd.DataFrame(dict(**{'class': list(per_class)}, accuracy=list(per_class.values()))
                                ).to_csv(folder / 'per_class.csv', index=False)
 
@@ -80,14 +80,15 @@ def test_budget_table_gives_a_recipe_at_each_length_over_seeds_with_its_cpu_hour
     config = tmp_path / 'recipe.toml'
     config.write_text('schedule = "one-cycle"\nlr = 0.2\n')
     results = tmp_path / 'results'
-    finished_run(results / 'a', config, 0.80, threads=2, epochs=2, seed=1)
-    finished_run(results / 'sweeps' / 's' / 'trials' / '0', config, 0.82, threads=2, epochs=2, seed=2)  # trials count
-    finished_run(results / 'c', config, 0.90, threads=1, epochs=3, seed=1)
+    finished_run(results / 'a', config, 0.80, threads=2, seconds=1800, epochs=2, seed=1)  # 2 CPU-hours
+    finished_run(results / 'sweeps' / 's' / 'trials' / '0', config, 0.82, threads=2, seconds=2700, epochs=2,
+                 seed=2)  # 3 CPU-hours; sweep trials count
+    finished_run(results / 'c', config, 0.90, threads=1, seconds=1800, epochs=3, seed=1)  # 1.5 CPU-hours
     finished_run(results / 'd', config, 0.99, threads=1, epochs=2, seed=3, lr=0.1)  # another recipe
     pd.DataFrame(dict(images=[10], correct=[9])).to_csv(results / 'c' / 'per_class_tta-flip.csv')
     table = budget_table(config, results, target=0.85)
-    assert '| 2 | 2 (1, 2) | 81.00% +- 1.41% |  |  | 0.1 | no |' in table  # 2 epochs x 60 s x 2 threads
-    assert '| 3 | 1 (1) | 90.00% | 90.00% |  | 0.1 | yes |' in table and '99' not in table
+    assert '| 2 | 2 (1, 2) | 81.00% +- 1.41% |  |  | 2.5 | no |' in table  # the median of 2 and 3
+    assert '| 3 | 1 (1) | 90.00% | 90.00% |  | 1.5 | yes |' in table and '99' not in table
     runs = pd.read_csv(results / 'budgets' / 'recipe.csv')
     assert sorted(runs.run) == ['a', 'c', 'sweeps/s/trials/0'] and (results / 'budgets' / 'recipe.png').stat().st_size
 
@@ -95,15 +96,16 @@ def test_budget_table_gives_a_recipe_at_each_length_over_seeds_with_its_cpu_hour
 def test_ablation_table_shows_runs_that_differ_from_the_recipe_in_one_lever(tmp_path):
     config = tmp_path / 'recipe.toml'
     config.write_text('label_smoothing = 0.1\nrotate_limit = 5\n')
-    for i, (acc, flags) in enumerate([(0.80, {}), (0.82, {}), (0.78, dict(label_smoothing=0.0)),
+    for i, (acc, flags) in enumerate([(0.80, {}), (0.82, {}), (0.84, dict(distill_weight=0.9)),  # unused: no teacher
+                                      (0.78, dict(label_smoothing=0.0)),
                                       (0.75, dict(rotate_limit=15, cutout_size=8)),
                                       (0.70, dict(label_smoothing=0.0, rotate_limit=15)),  # two levers: not shown
                                       (0.99, dict(epochs=3))]):  # another budget: not shown
         finished_run(tmp_path / 'results' / str(i), config, acc, epochs=flags.pop('epochs', 2), seed=i, **flags)
     table = ablation_table(config, 2, tmp_path / 'results')
-    assert '| none: recipe.toml at 2 epochs |  | 2 | 81.00% +- 1.41% |  |' in table
-    assert '| label smoothing | label_smoothing 0.0 | 1 | 78.00% | -3.00% |' in table
-    assert '| augmentation | rotate_limit 15, cutout_size 8 | 1 | 75.00% | -6.00% |' in table
+    assert '| none: recipe.toml at 2 epochs |  | 3 | 82.00% +- 2.00% |  |' in table
+    assert '| label smoothing | label_smoothing 0.0 | 1 | 78.00% | -4.00% |' in table
+    assert '| augmentation | cutout_size 8, rotate_limit 15 | 1 | 75.00% | -7.00% |' in table
     assert '70.00%' not in table and '99' not in table
 
 
