@@ -4,8 +4,10 @@ Run: python experiments/report.py   (rewrites the parts of README.md between the
 """
 import inspect
 import itertools
+import datetime
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -32,8 +34,21 @@ def results_table(results=RESULTS):
                      'training time': f'{h.seconds.sum() / 60:.1f} min',
                      'median epoch': f'{h.seconds.median():.0f} s',
                      'precision': s['precision'], 'machine': cfg['versions'].get('device', 'not recorded'),
-                     'command': f'`{command(s)}`'})
+                     'date': committed(run / 'history.csv'), 'command': f'`{command(s)}`'})
     return markdown(pd.DataFrame(rows)) if rows else '(no runs yet)'
+
+
+def committed(path):
+    """The day `path` was last committed (`git log`), today where it has changes not committed yet (the day they
+    will be), '' outside a git repository. Runs' config.json has no date, and git's is the one every clone shares."""
+    def git(*args):
+        try:
+            return subprocess.run(['git', *args], cwd=path.parent, capture_output=True, text=True,
+                                  timeout=60).stdout.strip()
+        except (OSError, subprocess.SubprocessError): return ''
+    if git('rev-parse', '--is-inside-work-tree') != 'true': return ''
+    if git('status', '--porcelain', '--', path.name): return datetime.date.today().isoformat()
+    return git('log', '-1', '--format=%cs', '--', path.name)
 
 
 def runs(results=RESULTS, pattern='*/history.csv'):
@@ -232,7 +247,14 @@ def sweeps_table(results=RESULTS):
                                                       for m, sd, n in zip(s.accuracy_mean, s.accuracy_std.fillna(0), s.n)],
             'min - max': [f'{a:.2%} - {b:.2%}' if n else '' for a, b, n in zip(s.accuracy_min, s.accuracy_max, s.n)],
             'minutes per trial': s.minutes.map(lambda v: '' if pd.isna(v) else f'{v:.0f}')})
-        parts.append(f'**[{folder.name}]({rel})** ({rel}/summary.md)\n\n{markdown(rows)}\n\n![{folder.name}]({rel}/sweep.png)')
+        trials = sorted(folder.glob('trials/*/history.csv'))
+        machines = sorted({json.loads((t.parent / 'config.json').read_text())['versions'].get('device', 'not recorded')
+                           for t in trials})
+        dates = sorted(filter(None, map(committed, trials)))
+        trained = (f'; {len(trials)} trial{"s" * (len(trials) > 1)} on {", ".join(machines)}' if trials else '') + (
+            f', {dates[0]}' + (f' to {dates[-1]}' if dates[-1] != dates[0] else '') if dates else '')
+        parts.append(f'**[{folder.name}]({rel})** ({rel}/summary.md{trained})\n\n{markdown(rows)}\n\n'
+                     f'![{folder.name}]({rel}/sweep.png)')
     return '\n\n'.join(parts) if parts else '(no sweeps committed yet)'
 
 

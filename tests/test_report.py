@@ -1,4 +1,6 @@
+import datetime
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -7,7 +9,7 @@ import pandas as pd
 from cifar_fastai.config import resolve_settings
 
 sys.path.insert(0, str(Path(__file__).parents[1] / 'experiments'))
-from report import (ablation_table, budget_table, command, per_class_table, recipes_table, results_table,  # noqa: E402
+from report import (ablation_table, budget_table, command, committed, per_class_table, recipes_table, results_table,  # noqa: E402
                     sweeps_table, tta_table)
 
 
@@ -36,11 +38,34 @@ def test_sweeps_table_comes_from_each_sweep_summary(tmp_path, monkeypatch):
     pd.DataFrame(dict(point=[1, 0], lr=[0.2, 0.1], n=[3, 1], accuracy_mean=[0.81, 0.8], accuracy_std=[0.004, None],
                       accuracy_min=[0.805, 0.8], accuracy_max=[0.815, 0.8], minutes=[12.0, 11.0], pruned=[0, 0])
                  ).to_csv(folder / 'summary.csv', index=False)
+    for trial, device in enumerate(('CPU: a', 'CPU: b', 'CPU: a')):
+        (folder / 'trials' / str(trial)).mkdir(parents=True)
+        (folder / 'trials' / str(trial) / 'config.json').write_text(json.dumps(dict(versions={'device': device})))
+        (folder / 'trials' / str(trial) / 'history.csv').write_text('epoch\n0\n')
     import report
     monkeypatch.setattr(report, 'ROOT', tmp_path)
     table = sweeps_table(tmp_path)
+    assert '(sweeps/lr/summary.md; 3 trials on CPU: a, CPU: b)' in table  # the machines that ran its trials
     assert '| lr 0.2 | 3 | 81.00% +- 0.40% | 80.50% - 81.50% | 12 |' in table
     assert '| lr 0.1 | 1 | 80.00% | 80.00% - 80.00% | 11 |' in table and 'sweeps/lr/sweep.png' in table
+
+
+def test_a_runs_date_is_its_last_commit_or_today_while_it_has_uncommitted_changes(tmp_path):
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'history.csv').write_text('epoch\n0\n')
+    assert committed(run / 'history.csv') == ''  # not in a repository
+    git = lambda *args: subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t', *args], cwd=tmp_path,
+                                       check=True, capture_output=True,
+                                       env={'GIT_COMMITTER_DATE': '2026-01-02T03:04:05', 'PATH': '/usr/bin:/bin'})
+    git('init', '-q')
+    today = datetime.date.today().isoformat()
+    assert committed(run / 'history.csv') == today  # untracked: committed today at the earliest
+    git('add', '.')
+    git('commit', '-qm', 'run')
+    assert committed(run / 'history.csv') == '2026-01-02'
+    (run / 'history.csv').write_text('epoch\n0\n1\n')
+    assert committed(run / 'history.csv') == today
 
 
 def test_tta_table_has_a_column_per_measured_model(tmp_path):
