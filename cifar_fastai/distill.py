@@ -51,16 +51,19 @@ class Distillation(Callback):
     order = CPUAutocast.order - 1  # teachers' forwards inside the autocast of the student's, like TTA's views
 
     def __init__(self, teachers, weight, temperature, memory_format=torch.contiguous_format):
-        self.teachers, self.weight, self.temperature, self.memory_format = teachers, weight, temperature, memory_format
+        self.teachers, self.weight, self.temperature = teachers, weight, temperature
+        # A teacher of another architecture may run best in its own layout (AirbenchNet: channels-last).
+        self.formats = [getattr(t, 'memory_format', memory_format) for t in teachers]
 
     def before_fit(self):
-        for t in self.teachers: t.to(self.dls.device, memory_format=self.memory_format).eval()
+        for t, f in zip(self.teachers, self.formats): t.to(self.dls.device, memory_format=f).eval()
 
     def after_pred(self):
         if not self.training: return
+        x = self.xb[0]
         with torch.inference_mode():
-            self.teacher_logp = log_mean_prob([(t(self.xb[0]).float() / self.temperature).log_softmax(-1)
-                                               for t in self.teachers])
+            self.teacher_logp = log_mean_prob([(t(x.contiguous(memory_format=f)).float() / self.temperature).log_softmax(-1)
+                                               for t, f in zip(self.teachers, self.formats)])
 
     def after_loss(self):
         if not self.training: return

@@ -13,21 +13,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors, save as save_safetensors
 from torch import nn
 
+from .airbench import AirbenchNet
 from .config import PRECISIONS
 from .errors import CifarFastaiError
 from .model import DilatedNet
 
-__all__ = ['MAX_CLASSES', 'MAX_CLASS_NAME', 'MAX_VALUE', 'model_files', 'read_model_json', 'check_model_json',
+__all__ = ['ARCHS', 'MAX_CLASSES', 'MAX_CLASS_NAME', 'MAX_VALUE', 'model_files', 'read_model_json', 'check_model_json',
            'read_weights', 'check_weights', 'worst_case_magnitude', 'read_model', 'trained_precision']
 
 MAX_CLASSES = 1000          # arch_settings.n_out: the fc layer (44 x n_out floats) stays small whatever a file says
 MAX_CLASS_NAME = 255        # characters: a class is a folder name, and names of files stop at 255
 MAX_JSON_BYTES = 1 << 20    # a model.json is ~1 KiB: a bigger file is not one, and is not read whole
-MAX_HEADER_BYTES = 1 << 20  # a DilatedNet's safetensors header is ~5 KiB, whatever n_out
+MAX_HEADER_BYTES = 1 << 20  # a DilatedNet's safetensors header is ~5 KiB, an AirbenchNet's ~2 KiB, whatever n_out
 # The largest magnitude any value inside the network may reach for any image (see worst_case_magnitude): far
 # enough below float32's (and bf16's) 3.4e38 that no sum of rounding errors takes a layer to inf, and inf - inf
 # to nan. The shipped model's worst case is ~1e16, for images no camera takes.
 MAX_VALUE = 1e30
+# The networks a model file may describe, with the arch_settings each is built from: the seed's, and airbench's
+# (distillation teachers only; see airbench.py).
+ARCHS = {'DilatedNet': (DilatedNet, ('n_out', 'p')), 'AirbenchNet': (AirbenchNet, ('n_out',))}
 FLOAT_DTYPES = {'F32': 4, 'BF16': 2, 'F16': 2}  # bytes per value: what save_file writes for fp32/bf16/fp16 weights
 INT_DTYPES = {'I64': 8}                          # BatchNorm's num_batches_tracked
 _MISSING = object()
@@ -38,7 +42,9 @@ def model_files(model, classes, stats, settings, metrics):
     # safetensors stores plain contiguous tensors; a channels-last model must be laid out normally first.
     weights = save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     mean, std = stats
-    meta = dict(arch='DilatedNet', arch_settings=dict(n_out=len(classes), p=settings['dropout']),
+    arch = type(model).__name__
+    arch_settings = dict(n_out=len(classes), **({'p': settings['dropout']} if arch == 'DilatedNet' else {}))
+    meta = dict(arch=arch, arch_settings=arch_settings,
                 classes=list(classes), normalize=dict(mean=list(mean), std=list(std)),
                 config=settings, metrics=metrics)
     return {'model.safetensors': weights, 'model.json': json.dumps(meta, indent=2).encode()}
@@ -58,13 +64,13 @@ def read_model_json(path):
 
 
 def check_model_json(meta, source):
-    "`meta` if it describes a DilatedNet cifar-fastai can build and use; else one line naming `source` and the field."
+    "`meta` if it describes a network (ARCHS) cifar-fastai can build and use; else one line naming `source` and the field."
     if not isinstance(meta, dict):
         raise CifarFastaiError(f'model: {source} must hold a JSON object (a cifar-fastai model.json), '
                                f'got {_show(meta)}')
     arch = _get(meta, 'arch', source)
-    if arch != 'DilatedNet': _bad(source, 'arch', "'DilatedNet'", arch)
-    n_out = _check_arch_settings(meta, source)
+    if not (isinstance(arch, str) and arch in ARCHS): _bad(source, 'arch', ' or '.join(map(repr, ARCHS)), arch)
+    n_out = _check_arch_settings(meta, source, ARCHS[arch][1])
     _check_classes(_get(meta, 'classes', source), n_out, source)
     _object(meta, 'normalize', source, required=True)
     for key, positive in (('mean', False), ('std', True)):
@@ -78,15 +84,17 @@ def check_model_json(meta, source):
     return meta
 
 
-def _check_arch_settings(meta, source):
-    "arch_settings.n_out, once it and arch_settings.p are checked."
+def _check_arch_settings(meta, source, names):
+    "arch_settings.n_out, once it and the arch's other settings (`names`: n_out, and p for DilatedNet) are checked."
     arch = _object(meta, 'arch_settings', source, required=True)
     # A setting this version does not know would build a different network: refused rather than ignored.
-    if set(arch) - {'n_out', 'p'}: _bad(source, 'arch_settings', 'n_out and p only', arch)
-    n_out, p = _get(meta, 'arch_settings.n_out', source), _get(meta, 'arch_settings.p', source)
+    if set(arch) - set(names): _bad(source, 'arch_settings', ' and '.join(names) + ' only', arch)
+    n_out = _get(meta, 'arch_settings.n_out', source)
     if not (_is_int(n_out) and 2 <= n_out <= MAX_CLASSES):
         _bad(source, 'arch_settings.n_out', f'an integer from 2 to {MAX_CLASSES}', n_out)
-    if not (_is_number(p) and 0 <= p < 1): _bad(source, 'arch_settings.p', 'a number from 0 to below 1', p)
+    if 'p' in names:
+        p = _get(meta, 'arch_settings.p', source)
+        if not (_is_number(p) and 0 <= p < 1): _bad(source, 'arch_settings.p', 'a number from 0 to below 1', p)
     return n_out
 
 
@@ -160,24 +168,24 @@ def _parse_json(raw, source):
 
 # -- model.safetensors --------------------------------------------------------------------------------------------
 
-def read_weights(path, expected):
-    "The tensors of safetensors file `path`, loaded only once its header matches `expected` (a state_dict)."
+def read_weights(path, expected, arch='DilatedNet'):
+    "The tensors of safetensors file `path`, loaded only once its header matches `expected` (a state_dict of `arch`)."
     path = Path(path)
     # No valid file is bigger than this: the header cap plus every tensor at 8 bytes a value.
     limit = 8 + MAX_HEADER_BYTES + 8 * sum(t.numel() for t in expected.values())
     data = _read_at_most(path, limit + 1)  # one read: what is checked is what is loaded
     if len(data) > limit:
-        raise CifarFastaiError(f'model: {path} is larger than any DilatedNet safetensors file ({limit} bytes)')
-    header, data_size = _safetensors_header(data, path)
-    _check_tensor_table(header, expected, data_size, path)
+        raise CifarFastaiError(f'model: {path} is larger than any {arch} safetensors file ({limit} bytes)')
+    header, data_size = _safetensors_header(data, path, arch)
+    _check_tensor_table(header, expected, data_size, path, arch)
     try: return load_safetensors(data)
     except (SafetensorError, ValueError, RuntimeError) as e:
-        raise CifarFastaiError(f'model: {path} is not a DilatedNet safetensors file ({type(e).__name__})') from None
+        raise CifarFastaiError(f'model: {path} is not a {arch} safetensors file ({type(e).__name__})') from None
 
 
-def _safetensors_header(data, path):
+def _safetensors_header(data, path, arch):
     "(header's tensor table, bytes of tensor data): an 8-byte little-endian length, then that much JSON."
-    def bad(why): raise CifarFastaiError(f'model: {path} is not a DilatedNet safetensors file ({why})')
+    def bad(why): raise CifarFastaiError(f'model: {path} is not a {arch} safetensors file ({why})')
     if len(data) < 8: bad(f'{len(data)} bytes, shorter than a safetensors header')
     n = struct.unpack('<Q', data[:8])[0]
     if n > MAX_HEADER_BYTES: bad(f'header of {n} bytes, over {MAX_HEADER_BYTES}')
@@ -191,13 +199,13 @@ def _safetensors_header(data, path):
     return header, len(data) - 8 - n
 
 
-def _check_tensor_table(header, expected, data_size, path):
+def _check_tensor_table(header, expected, data_size, path, arch):
     "Names, dtypes, shapes and byte ranges of the header against `expected`; the ranges must tile the data exactly."
     def bad(why): raise CifarFastaiError(f'model: {path}: {why}')
     if set(header) != set(expected):
         missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
         n_out = expected['fc.weight'].shape[0]
-        bad(f'tensors differ from a DilatedNet with arch_settings.n_out = {n_out} (model.json): '
+        bad(f'tensors differ from those of {arch} with arch_settings.n_out = {n_out} (model.json): '
             f'missing {_show(missing)}, unexpected {_show(extra)}')
     spans = []
     for name, t in expected.items():
@@ -242,8 +250,9 @@ def worst_case_magnitude(model, mean, std):
     # pixels lie in [0, 1], so each normalised channel in +-max(|mean|, |1 - mean|) / std; a conv or linear
     # layer's output is at most the sum of |weight| times its inputs' bounds (zero padding adds nothing); eval
     # BatchNorm maps x to (x - running_mean) * scale + bias with scale = weight / sqrt(running_var + eps); ReLU,
-    # eval dropout and average pooling never grow a bound. Every finite bound keeps every float32 value finite,
-    # so the softmax of the logits is finite and sums to 1.
+    # eval dropout, average and max pooling never grow a bound; GELU's output lies in [-0.17, max(x, 0)], so its bound
+    # is at least 0.17. AirbenchNet's final 1/9 only shrinks the logits' bound. Every finite bound keeps every
+    # float32 value finite, so the softmax of the logits is finite and sums to 1.
     mean64, std64 = (torch.tensor(v, dtype=torch.float32).double() for v in (mean, std))
     b = torch.maximum(mean64.abs(), (1 - mean64).abs()) / std64
     worst = [b.max(), mean64.abs().max()]
@@ -262,22 +271,24 @@ def worst_case_magnitude(model, mean, std):
             rm, bias = m.running_mean.double().abs(), m.bias.detach().double().abs()
             worst += [scale.max(), (rm * scale).max()]
             b = (b + rm) * scale + bias
-        elif not isinstance(m, (nn.ReLU, nn.Dropout, nn.AdaptiveAvgPool2d)):
-            raise TypeError(f'worst_case_magnitude does not know {type(m).__name__}')  # DilatedNet changed: teach it
+        elif isinstance(m, nn.GELU): b = b.clamp(min=0.17)
+        elif not isinstance(m, (nn.ReLU, nn.Dropout, nn.AdaptiveAvgPool2d, nn.MaxPool2d)):
+            raise TypeError(f'worst_case_magnitude does not know {type(m).__name__}')  # an ARCHS net changed: teach it
         worst.append(b.max())
     return max(float(w) for w in worst)  # nan (inf * 0) stays nan, and fails every comparison with MAX_VALUE
 
 
 def read_model(path):
-    "(DilatedNet in eval mode, checked model.json) from `model.safetensors` at `path` and the model.json beside it."
+    "(network in eval mode, checked model.json) from `model.safetensors` at `path` and the model.json beside it."
     path = Path(path)
     meta = read_model_json(path.with_suffix('.json'))
-    arch, norm = meta['arch_settings'], meta['normalize']
-    model = DilatedNet(n_out=arch['n_out'], p=arch['p'])  # small whatever the file says: n_out <= MAX_CLASSES
-    tensors = read_weights(path, model.state_dict())
+    arch, norm = meta['arch'], meta['normalize']
+    net = ARCHS[arch][0]
+    model = net(**meta['arch_settings'])  # small whatever the file says: n_out <= MAX_CLASSES
+    tensors = read_weights(path, model.state_dict(), arch)
     try: model.load_state_dict(tensors)
     except (RuntimeError, ValueError) as e:  # a safety net: the header check leaves nothing for it to find
-        raise CifarFastaiError(f'model: {path} is not a DilatedNet safetensors file ({type(e).__name__})') from None
+        raise CifarFastaiError(f'model: {path} is not a {arch} safetensors file ({type(e).__name__})') from None
     model.eval()
     check_weights(model, norm['mean'], norm['std'], path)
     return model, meta

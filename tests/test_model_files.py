@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, currently_in_test_context, event, given, set
 from PIL import Image
 from safetensors.torch import save_file
 
+from cifar_fastai.airbench import AirbenchNet
 from cifar_fastai.artifacts import load_for_inference, trained_precision
 from cifar_fastai.config import resolve_settings
 from cifar_fastai.errors import CifarFastaiError
@@ -33,11 +34,10 @@ MiB = 1 << 20
 
 # -- the pair every test starts from, and the checks every load must pass -------------------------------------------
 
-@pytest.fixture(scope='module')
-def pair(tmp_path_factory):
+def written_pair(tmp_path_factory, net):
     "(folder with model.safetensors + model.json as export writes them, its files' bytes, a CIFAR folder of CLASSES)."
     torch.manual_seed(0)
-    model = DilatedNet(n_out=len(CLASSES))
+    model = net(n_out=len(CLASSES))
     model(torch.rand(8, 3, 32, 32) * 4 - 2)  # one training-mode pass: BatchNorm statistics that are not 0 and 1
     folder = tmp_path_factory.mktemp('model')
     for name, data in model_files(model.eval(), CLASSES, STATS, resolve_settings({}), dict(epochs=1, accuracy=0.5)).items():
@@ -45,6 +45,16 @@ def pair(tmp_path_factory):
     root = make_cifar(tmp_path_factory.mktemp('data') / 'cifar10', n_train=1, n_test=2)
     files = {name: (folder / name).read_bytes() for name in ('model.safetensors', 'model.json')}
     return folder, files, root
+
+
+@pytest.fixture(scope='module')
+def pair(tmp_path_factory): return written_pair(tmp_path_factory, DilatedNet)
+
+
+@pytest.fixture(scope='module')
+def airbench_pair(tmp_path_factory):
+    "The pair of a distillation teacher of airbench's architecture (issue 12): the same checks, its own tensors."
+    return written_pair(tmp_path_factory, AirbenchNet)
 
 
 @contextmanager
@@ -108,8 +118,9 @@ def write_pair(folder, safetensors, meta_json):
     return folder
 
 
-def test_the_pair_as_written_loads(pair):
-    folder, _, _ = pair
+@pytest.mark.parametrize('which', ['pair', 'airbench_pair'])
+def test_the_pair_as_written_loads(request, which):
+    folder, _, _ = request.getfixturevalue(which)
     assert load_and_predict(folder) is None and trained_precision(folder / 'model.safetensors') == 'fp32'
 
 
@@ -190,8 +201,9 @@ def edited_safetensors(draw, data):
 
 @FUZZ
 @given(data=st.data())
-def test_any_edit_of_model_json_loads_and_predicts_or_gives_one_line(pair, scratch, data):
-    folder, files, _ = pair
+@pytest.mark.parametrize('which', ['pair', 'airbench_pair'])
+def test_any_edit_of_model_json_loads_and_predicts_or_gives_one_line(request, which, scratch, data):
+    folder, files, _ = request.getfixturevalue(which)
     meta = json.loads(files['model.json'])
     if data.draw(st.booleans(), label='byte edits rather than JSON edits'):
         text = data.draw(edited_bytes(files['model.json'], hot=len(files['model.json'])))
@@ -201,8 +213,9 @@ def test_any_edit_of_model_json_loads_and_predicts_or_gives_one_line(pair, scrat
 
 @FUZZ
 @given(data=st.data())
-def test_any_corruption_of_model_safetensors_loads_and_predicts_or_gives_one_line(pair, scratch, data):
-    folder, files, _ = pair
+@pytest.mark.parametrize('which', ['pair', 'airbench_pair'])
+def test_any_corruption_of_model_safetensors_loads_and_predicts_or_gives_one_line(request, which, scratch, data):
+    folder, files, _ = request.getfixturevalue(which)
     weights = data.draw(edited_safetensors(files['model.safetensors']))
     load_and_predict(write_pair(scratch, weights, files['model.json']))
 
@@ -334,6 +347,31 @@ def test_weights_that_would_give_nan_or_inf_are_refused(tmp_path, pair):
                           (_set('body.2.weight', 3e38), 'could take values inside the network to')):
         write_pair(tmp_path, weights_file(folder, change, tmp_path), files['model.json'])
         assert match in load_and_predict(tmp_path)
+
+
+def test_airbench_weights_that_would_give_nan_or_inf_are_refused(tmp_path, airbench_pair):
+    folder, files, _ = airbench_pair
+    for change, match in ((_set('body.0.bias', float('nan')), 'body.0.bias holds nan or infinite values'),
+                          (_set('body.4.running_var', -1.0), 'body.4.running_var holds negative variances'),
+                          (_set('fc.weight', 1e35), 'could take values inside the network to'),
+                          (_set('body.6.weight', 3e38), 'could take values inside the network to')):
+        write_pair(tmp_path, weights_file(folder, change, tmp_path), files['model.json'])
+        assert match in load_and_predict(tmp_path)
+
+
+def test_an_airbench_file_described_as_the_seeds_network_or_with_its_settings_gives_one_line(tmp_path, pair,
+                                                                                             airbench_pair):
+    _, seed_files, _ = pair
+    _, files, _ = airbench_pair
+    meta = json.loads(files['model.json'])
+    for edited, match in ((edit(meta, 'arch', 'DilatedNet'), 'arch_settings.p is missing'),
+                          (edit(meta, 'arch_settings.p', 0.1), 'arch_settings must be n_out only'),
+                          (edit(meta, 'arch', 'ResNet'), "arch must be 'DilatedNet' or 'AirbenchNet'")):
+        write_pair(tmp_path, files['model.safetensors'], json.dumps(edited).encode())
+        assert match in load_and_predict(tmp_path)
+    # The seed's network's weights under an AirbenchNet model.json: its tensors are named, before any is loaded.
+    write_pair(tmp_path, seed_files['model.safetensors'], files['model.json'])
+    assert 'tensors differ from those of AirbenchNet with arch_settings.n_out = 3' in load_and_predict(tmp_path)
 
 
 def test_a_bf16_file_loads_and_predicts_as_the_fp32_one_does(tmp_path, pair):
