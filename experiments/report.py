@@ -48,7 +48,7 @@ def committed(path):
         except (OSError, subprocess.SubprocessError): return ''
     if git('rev-parse', '--is-inside-work-tree') != 'true': return ''
     if git('status', '--porcelain', '--', path.name): return datetime.date.today().isoformat()
-    return git('log', '-1', '--format=%cs', '--', path.name)
+    return git('log', '-1', '--format=%as', '--', path.name)  # the author date: a rebase or an amend keeps it
 
 
 def runs(results=RESULTS, pattern='*/history.csv'):
@@ -248,14 +248,19 @@ def sweeps_table(results=RESULTS):
             'min - max': [f'{a:.2%} - {b:.2%}' if n else '' for a, b, n in zip(s.accuracy_min, s.accuracy_max, s.n)],
             'minutes per trial': s.minutes.map(lambda v: '' if pd.isna(v) else f'{v:.0f}')})
         trials = sorted(folder.glob('trials/*/history.csv'))
-        machines = sorted({json.loads((t.parent / 'config.json').read_text())['versions'].get('device', 'not recorded')
-                           for t in trials})
+        machines = sorted({_recorded_device(t.parent) for t in trials})
         dates = sorted(filter(None, map(committed, trials)))
         trained = (f'; {len(trials)} trial{"s" * (len(trials) > 1)} on {", ".join(machines)}' if trials else '') + (
             f', {dates[0]}' + (f' to {dates[-1]}' if dates[-1] != dates[0] else '') if dates else '')
         parts.append(f'**[{folder.name}]({rel})** ({rel}/summary.md{trained})\n\n{markdown(rows)}\n\n'
                      f'![{folder.name}]({rel}/sweep.png)')
     return '\n\n'.join(parts) if parts else '(no sweeps committed yet)'
+
+
+def _recorded_device(run):
+    "The machine a run's config.json names; 'not recorded' where it has none (or no config.json)."
+    config = run / 'config.json'
+    return json.loads(config.read_text()).get('versions', {}).get('device', 'not recorded') if config.exists() else 'not recorded'
 
 
 def bench_table(results=RESULTS):

@@ -3,6 +3,7 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -81,12 +82,17 @@ def test_a_student_learns_from_an_airbench_teacher_and_stays_the_seeds_network(t
     teacher = str(out / 'model.safetensors')
     [loaded] = load_teachers([teacher], ['cat', 'dog', 'ship'], STATS)
     assert isinstance(loaded, AirbenchNet)
-    s = resolve_settings({'bs': 4, 'workers': 0, 'epochs': 1, 'teacher': [teacher], 'distill_weight': 0.9})
-    fit_run(s, tmp_path / 'student', data=str(data))
+    s = {'bs': 4, 'workers': 0, 'epochs': 1}
+    fit_run(resolve_settings(s), tmp_path / 'alone', data=str(data))
+    fit_run(resolve_settings({**s, 'teacher': [teacher], 'distill_weight': 0.9}), tmp_path / 'student', data=str(data))
     shipped = load_file(str(tmp_path / 'student' / 'model.safetensors'))
     assert shipped.keys() == DilatedNet(n_out=3).state_dict().keys()
     cfg = json.loads((tmp_path / 'student' / 'config.json').read_text())
     assert list(cfg['teachers']) == [teacher]
+    # The same seed without the teacher draws the same batches: only the teacher's targets change the loss.
+    alone, taught = (pd.read_csv(tmp_path / r / 'history.csv') for r in ('alone', 'student'))
+    assert alone.train_loss.iloc[0] != pytest.approx(taught.train_loss.iloc[0], rel=1e-3)
+    assert alone.valid_loss.iloc[0] != pytest.approx(taught.valid_loss.iloc[0], rel=1e-6)
 
 
 def test_nonsense_arguments_stop_the_teacher_script_in_one_line(tmp_path, capsys):

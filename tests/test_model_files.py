@@ -283,6 +283,8 @@ HAND_EDITS = [  # (field, value, what the one line must name)
     ('arch_settings.n_out', 10 ** 9, 'arch_settings.n_out'),       # a billion classes: 176 GB of fc weights
     ('arch_settings.p', 1, 'arch_settings.p'),
     ('arch', 'ResNet', 'arch'),
+    ('arch', ['AirbenchNet'], 'arch'),                             # not a name at all
+    ('arch', {}, 'arch'),
     ('classes', ['cat', 'dog'], 'classes'),                          # list of the wrong length
     ('classes', 'cat dog ship', 'classes'),
     ('classes', ['cat', 'cat', 'ship'], 'classes'),
@@ -357,6 +359,15 @@ def test_airbench_weights_that_would_give_nan_or_inf_are_refused(tmp_path, airbe
                           (_set('body.6.weight', 3e38), 'could take values inside the network to')):
         write_pair(tmp_path, weights_file(folder, change, tmp_path), files['model.json'])
         assert match in load_and_predict(tmp_path)
+    # Its BatchNorm's eps is 1e-12: a zero variance multiplies by 1e6. Once is harmless; in all six layers, too much.
+    def zero_variances(layers):
+        def change(state):
+            for name in [k for k in state if k.endswith('running_var')][:layers]: state[name].zero_()
+        return change
+    write_pair(tmp_path, weights_file(folder, zero_variances(1), tmp_path), files['model.json'])
+    assert load_and_predict(tmp_path) is None
+    write_pair(tmp_path, weights_file(folder, zero_variances(6), tmp_path), files['model.json'])
+    assert 'could take values inside the network to' in load_and_predict(tmp_path)
 
 
 def test_an_airbench_file_described_as_the_seeds_network_or_with_its_settings_gives_one_line(tmp_path, pair,

@@ -57,7 +57,7 @@ def test_a_runs_date_is_its_last_commit_or_today_while_it_has_uncommitted_change
     assert committed(run / 'history.csv') == ''  # not in a repository
     git = lambda *args: subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t', *args], cwd=tmp_path,
                                        check=True, capture_output=True,
-                                       env={'GIT_COMMITTER_DATE': '2026-01-02T03:04:05', 'PATH': '/usr/bin:/bin'})
+                                       env={'GIT_AUTHOR_DATE': '2026-01-02T03:04:05', 'PATH': '/usr/bin:/bin'})
     git('init', '-q')
     today = datetime.date.today().isoformat()
     assert committed(run / 'history.csv') == today  # untracked: committed today at the earliest
