@@ -382,6 +382,8 @@ def quiet_optuna():
     import warnings
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings('ignore', category=optuna.exceptions.ExperimentalWarning)
+    # A grid of lists (teacher = [[A, B], []]) works: the storage keeps a choice's index and the choices as JSON.
+    warnings.filterwarnings('ignore', message='Choices for a categorical distribution should be a tuple')
 
 
 def run_sweep(spec_path, out, data=None, jobs=1, storage=None, trials=None, study_name=None):
