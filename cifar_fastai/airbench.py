@@ -2,8 +2,7 @@
 network we train for a recipe, export as ours or ship. With airbench94's recipe in 10 epochs it is reported at 94%
 with test-time augmentation on the original CIFAR-10 (on a GPU, label smoothing 0.2); ours
 (experiments/airbench_teacher.py, no label smoothing, bf16 on a CPU, the shared JPEG copy) reached 89.71% single
-view. Its forward pass costs a CPU less than one DilatedNet's, though it has 2.4 times the multiply-adds: dense,
-wide convolutions run far closer to the CPU's peak than depthwise and dilated ones."""
+view. What it costs a student epoch: experiments/teacher_cost.py --airbench."""
 import torch
 from torch import nn
 
@@ -14,7 +13,7 @@ class AirbenchNet(nn.Module):
     """airbench94's layers, flattened into `body` and `fc` as DilatedNet's are (so that modelio's checks walk
     both alike): a frozen 2x2 whitening conv, then three groups of conv, max-pool, BatchNorm, GELU, conv, BatchNorm,
     GELU (64, 256, 256 channels), max-pool to 1x1, a bias-free linear layer, logits scaled by 1/9."""
-    memory_format = torch.channels_last  # dense convs: channels-last ran 3.7x faster in bf16 on an AMX Xeon
+    memory_format = torch.channels_last  # the layout airbench trains and predicts in (dense, wide convs)
     scale = 1 / 9
     widths = (64, 256, 256)
 

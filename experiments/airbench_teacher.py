@@ -58,12 +58,11 @@ def batch_crop(padded, size, generator):
     return out
 
 
-def epoch_images(x, pad, epoch, flipped_once, generator):
-    """airbench's augmentation: each image mirrored at random once, then the whole set mirrored every other epoch
-    (more diverse than a fresh coin per epoch), and moved by up to `pad` pixels (reflected borders)."""
-    images = flipped_once.flip(-1) if epoch % 2 else flipped_once
-    if pad: images = batch_crop(F.pad(images, (pad,) * 4, mode='reflect'), x.shape[-1], generator)
-    return images
+def epoch_images(padded, size, epoch, generator):
+    """airbench's augmentation: `padded` holds each image mirrored at random once and reflect-padded (at set-up); the
+    whole set is mirrored every other epoch (more diverse than a fresh coin per epoch), and each image moved by up to
+    the padding at random."""
+    return batch_crop(padded.flip(-1) if epoch % 2 else padded, size, generator)
 
 
 def accuracy(model, x, y, autocast):
@@ -104,12 +103,13 @@ def train(x, y, xv, yv, hyp, seed, precision, log):
 
     def autocast(): return torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bf16')
     flipped_once = torch.where(torch.rand(len(x), 1, 1, 1, generator=generator) < 0.5, x.flip(-1), x)
+    padded = F.pad(flipped_once, (hyp['translate'],) * 4, mode='reflect')  # once: mirroring commutes with it
     step = 0
     for epoch in range(ceil(hyp['epochs'])):
         start = time.perf_counter()
         model.body[0].bias.requires_grad = epoch < hyp['whiten_bias_epochs']
         model.train()
-        images = epoch_images(x, hyp['translate'], epoch, flipped_once, generator)
+        images = epoch_images(padded, x.shape[-1], epoch, generator)
         order = torch.randperm(len(x), generator=generator)
         for i in range(steps_per_epoch):
             idx = order[i * bs:(i + 1) * bs]
