@@ -260,7 +260,15 @@ def _stop_on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+def _end_of_command():
+    # Once the command has ended (its error line printed, if any), a SIGTERM has nothing left to stop cleanly:
+    # torchrun sends one to the surviving ranks when another dies, which could land in the interpreter's exit
+    # hooks; the default action ends the process there instead of a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _fail(msg, code):
+    _end_of_command()
     print(f'cifar-fastai: error: {msg}', file=sys.stderr)
     sys.exit(code)
 
@@ -285,3 +293,4 @@ def main(argv=None):
     try: func(**args)
     except CifarFastaiError as e: _fail(e, e.exit_code)
     except KeyboardInterrupt: _fail('interrupted; a run can be continued with fit --resume RUN_DIR', 130)
+    _end_of_command()

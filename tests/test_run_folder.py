@@ -18,11 +18,21 @@ from cifar_fastai.train import fit_run, resume_run
 from conftest import make_cifar, run_cli, stopped_run
 
 FIT = ['--bs', 4, '--step-size', 2, '--seed', 3, '--workers', 0]
+WHOLE = [*FIT, '--epochs', 12]
 
 
 @pytest.fixture
 def data(tmp_path):
     return make_cifar(tmp_path / 'data' / 'cifar10', n_train=10, n_test=4)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+    "Data and one uninterrupted run of WHOLE on it: where each stopped and resumed run below must end."
+    tmp = tmp_path_factory.mktemp('whole')
+    data = make_cifar(tmp / 'data' / 'cifar10', n_train=10, n_test=4)
+    run_cli('fit', '--data', data, *WHOLE, '--out', tmp / 'run')
+    return data, tmp / 'run'
 
 
 def history(run): return pd.read_csv(run / 'history.csv').drop(columns='seconds')
@@ -76,9 +86,9 @@ def test_log_gets_one_plain_line_per_epoch_not_progress_bar_redraws(tmp_path, da
     assert '█' not in res.stdout + res.stderr and len(res.stdout) < 500
 
 
-def test_sigterm_stops_a_run_like_ctrl_c_and_it_resumes_to_the_same_end(tmp_path, data):
-    args = ['--data', data, *FIT, '--epochs', 12]
-    run_cli('fit', *args, '--out', tmp_path / 'whole')
+def test_sigterm_stops_a_run_like_ctrl_c_and_it_resumes_to_the_same_end(tmp_path, uninterrupted):
+    data, whole = uninterrupted
+    args = ['--data', data, *WHOLE]
     run = tmp_path / 'run'
     proc = start(['fit', *args, '--out', run])
     wait_for_rows(proc, run, 3)
@@ -88,8 +98,8 @@ def test_sigterm_stops_a_run_like_ctrl_c_and_it_resumes_to_the_same_end(tmp_path
     assert 'interrupted; ' in one_line(err) and f'fit --resume {run}' in err
     assert not list(run.glob('*.tmp')) and not (run / 'learner.pkl').exists()
     run_cli('fit', '--resume', run)
-    assert history(run).equals(history(tmp_path / 'whole'))
-    assert same_weights(weights(run), weights(tmp_path / 'whole'))
+    assert history(run).equals(history(whole))
+    assert same_weights(weights(run), weights(whole))
 
 
 @pytest.fixture
@@ -115,9 +125,9 @@ def fill(folder):
     return folder / 'filler'
 
 
-def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_room(tmp_path, data, small_disk):
-    args = ['--data', data, *FIT, '--epochs', 16]
-    run_cli('fit', *args, '--out', tmp_path / 'whole')
+def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_room(uninterrupted, small_disk):
+    data, whole = uninterrupted
+    args = ['--data', data, *WHOLE]
     run = small_disk / 'run'
     proc = start(['fit', *args, '--out', run])
     wait_for_rows(proc, run, 2)
@@ -128,11 +138,11 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_room
     assert 'cannot write' in line and 'No space left on device' in line and 'is intact' in line, line
     assert not list(run.glob('*.tmp'))
     done = torch.load(run / 'checkpoint.pth', weights_only=False)['epoch']  # the checkpoint loads whole
-    assert 1 <= done < 16 and f'after epoch {done})' in line
+    assert 1 <= done < 12 and f'after epoch {done})' in line
     filler.unlink()
     run_cli('fit', '--resume', run)
-    assert history(run).equals(history(tmp_path / 'whole'))
-    assert same_weights(weights(run), weights(tmp_path / 'whole'))
+    assert history(run).equals(history(whole))
+    assert same_weights(weights(run), weights(whole))
 
 
 @pytest.fixture
@@ -226,9 +236,9 @@ def test_resumed_epochs_are_not_replayed_through_epoch_end_callbacks(killed_run)
     assert saved == [4, 5, 6]
 
 
-def test_two_kills_in_a_row_resume_to_the_uninterrupted_end(tmp_path, data):
-    args = ['--data', data, *FIT, '--epochs', 12, '--schedule', 'one-cycle']
-    run_cli('fit', *args, '--out', tmp_path / 'whole')
+def test_two_kills_in_a_row_resume_to_the_uninterrupted_end(tmp_path, uninterrupted):
+    data, whole = uninterrupted
+    args = ['--data', data, *WHOLE]
     run = tmp_path / 'run'
     proc = start(['fit', *args, '--out', run])
     wait_for_rows(proc, run, 4)
@@ -241,8 +251,8 @@ def test_two_kills_in_a_row_resume_to_the_uninterrupted_end(tmp_path, data):
     proc.kill()
     proc.wait()
     run_cli('fit', '--resume', run)
-    assert history(run).equals(history(tmp_path / 'whole'))
-    assert same_weights(weights(run), weights(tmp_path / 'whole'))
+    assert history(run).equals(history(whole))
+    assert same_weights(weights(run), weights(whole))
 
 
 def test_dropout_1_is_refused_before_a_folder_is_made(tmp_path, data):

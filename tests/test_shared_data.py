@@ -1,4 +1,4 @@
-"Acceptance checks on the real CIFAR-10 copy in ../shared; each skips where it is absent."
+"Acceptance checks on the real CIFAR-10 copy in ../shared, opt-in (CIFAR_FASTAI_REAL_DATA=1); each skips where it is absent."
 import json
 import os
 import re

@@ -82,7 +82,7 @@ def test_ranges_are_drawn_by_optuna_and_crossed_with_the_grid(tmp_path, data):
         (ls, w) for ls in (0.0, 0.1) for w in wds}
 
 
-def test_a_killed_sweep_run_again_resumes_the_dead_trial_from_its_checkpoint(tmp_path, data, monkeypatch):
+def test_a_killed_sweep_run_again_resumes_the_dead_trial_from_its_checkpoint(tmp_path, data):
     spec = spec_file(tmp_path, 'epochs = 8\nbs = 4\nworkers = 0\nseeds = [0]\n[grid]\nlr = [0.1]\n', name='kill')
     out = tmp_path / 'sweep'
     run_cli('sweep', spec, '--out', tmp_path / 'whole', '--data', data)  # the same trial, never interrupted
