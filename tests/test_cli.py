@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -41,6 +43,17 @@ def test_bad_data_gets_one_line(capsys, tmp_path, tiny_cifar):
     (tiny_cifar / 'test' / 'frog').mkdir()
     fails_with_one_line(capsys, ['fit', '--data', str(tiny_cifar), *out], 'frog has no images')
     assert not (tmp_path / 'run').exists()
+
+
+def test_a_sigterm_while_the_process_exits_after_its_error_adds_no_traceback(tmp_path):
+    # As torchrun does to the surviving rank once another has died: the signal lands in the interpreter's exit hooks.
+    code = ('import atexit, os, signal; from cifar_fastai.cli import main; '
+            'atexit.register(os.kill, os.getpid(), signal.SIGTERM); '
+            f'main(["evaluate", {str(tmp_path / "nowhere.safetensors")!r}])')
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    lines = [l for l in res.stderr.strip().splitlines() if 'Warning' not in l and not l.startswith('  warnings.warn')]
+    assert res.returncode != 0 and len(lines) == 1 and 'Traceback' not in res.stderr, res.stderr
+    assert lines[0].startswith('cifar-fastai: error:')
 
 
 def test_offline_without_data_says_how_to_point_at_a_copy(capsys, tmp_path):
