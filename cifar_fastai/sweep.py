@@ -359,7 +359,9 @@ def summarize(study, out):
         try:
             ax = plot(study)
             atomic_write(out / f'{name}.png', png_bytes(ax.figure))
-        except (ValueError, RuntimeError, ZeroDivisionError):  # too few finished trials or parameters for it
+        # ValueError etc.: too few finished trials or parameters for it; TypeError: Optuna's importance evaluator
+        # hashes each parameter's distribution, which fails for a grid over lists (teacher sets, say).
+        except (ValueError, RuntimeError, ZeroDivisionError, TypeError):
             plt.close('all')
     return table
 
