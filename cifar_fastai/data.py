@@ -61,7 +61,10 @@ def unpack(archive):
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix='.unpacking-'))
     try:
         with tarfile.open(archive) as tf: tf.extractall(tmp, filter='data')
-        tmp.rename(dest)
+        try: tmp.rename(dest)
+        except OSError:
+            # Another process unpacked the same archive meanwhile (sweeps started together): theirs is as good.
+            if not dest.is_dir(): raise
     except (tarfile.TarError, EOFError, OSError) as e:
         raise CifarFastaiError(f'data: cannot unpack {archive} ({type(e).__name__}: {e})') from None
     finally: shutil.rmtree(tmp, ignore_errors=True)

@@ -1,3 +1,5 @@
+import tarfile
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -19,6 +21,18 @@ def test_archive_is_unpacked_once_into_the_cache(tiny_tgz, tmp_path):
     marker = root / 'train' / 'marker'
     marker.write_text('x')
     assert locate_data(str(tiny_tgz)) == root and marker.exists()
+
+
+def test_an_archive_unpacked_by_another_process_meanwhile_is_used(tiny_tgz, tmp_path, monkeypatch):
+    # Two commands started together both unpack; the later one's rename finds the earlier one's folder in place.
+    extract, other = tarfile.TarFile.extractall, []
+    def extract_while_another_process_finishes(self, *args, **kwargs):
+        extract(self, *args, **kwargs)
+        if not other: other.append(None); other.append(locate_data(str(tiny_tgz)))
+    monkeypatch.setattr(tarfile.TarFile, 'extractall', extract_while_another_process_finishes)
+    root = locate_data(str(tiny_tgz))
+    assert root == other[1] and (root / 'train' / 'cat').is_dir()
+    assert not list((tmp_path / 'cache').glob('.unpacking-*'))  # our own copy is cleaned up
 
 
 def test_environment_variable_points_at_the_data(tiny_cifar, monkeypatch):
