@@ -127,6 +127,24 @@ def test_report_rewrites_the_summary_from_the_study(tmp_path, data):
     assert len(pd.read_csv(out / 'summary.csv')) == 1
 
 
+@pytest.mark.filterwarnings('ignore:Choices for a categorical distribution')
+def test_a_grid_over_lists_is_summarized_without_optunas_importance_plot(tmp_path):
+    # Teacher sets are lists: Optuna stores them (with a warning) but its importance plot cannot hash them.
+    teachers = [['a.safetensors'], ['b.safetensors', 'c.safetensors'], []]
+    space = {'teacher': optuna.distributions.CategoricalDistribution(teachers),
+             'seed': optuna.distributions.CategoricalDistribution([0, 1])}
+    study = optuna.create_study(study_name='teachers', direction='maximize')
+    for point, teacher in enumerate(teachers):
+        for seed in (0, 1):
+            study.add_trial(optuna.trial.create_trial(params={'teacher': teacher, 'seed': seed}, distributions=space,
+                                                      value=0.5 + 0.1 * point + 0.01 * seed, user_attrs={'point': point}))
+    sweep.summarize(study, tmp_path)
+    summary = pd.read_csv(tmp_path / 'summary.csv')
+    assert summary.teacher.tolist() == ['[]', "['b.safetensors', 'c.safetensors']", "['a.safetensors']"]
+    assert summary.accuracy_mean.tolist() == pytest.approx([0.705, 0.605, 0.505]) and (summary.n == 2).all()
+    assert (tmp_path / 'sweep.png').stat().st_size > 0 and not (tmp_path / 'param_importances.png').exists()
+
+
 def one_line_error(capsys, args, match):
     with pytest.raises(SystemExit) as e: main([str(a) for a in args])
     err = capsys.readouterr().err.strip()
