@@ -251,11 +251,21 @@ def run_trial(trial, spec, out, data):
 
 
 def take_queued_trial(study):
-    "The next queued trial, claimed atomically; None when the queue is empty."
-    # Optuna's ask() samples a new trial when the queue is empty; a sweep's plan is fixed, so workers take only
-    # queued ones, with the same atomic claim ask() uses, and keep them alive with Optuna's heartbeat thread.
-    trial_id = study._pop_waiting_trial_id()
-    return None if trial_id is None else optuna.trial.Trial(study, trial_id)
+    "The next queued trial, claimed atomically, retries of dead trials first; None when the queue is empty."
+    # Optuna's ask() samples a new trial when the queue is empty, and takes queued ones in the order they were queued,
+    # so a dead trial's retry (its epochs kept in a checkpoint) would wait behind every fresh one. A sweep's plan is
+    # fixed: workers claim queued trials themselves, retries first, with the atomic claim of ask()'s
+    # Study._pop_waiting_trial_id (a trial another worker took first is skipped), on the study's own storage (Optuna
+    # has no public claim), and keep them alive with Optuna's heartbeat thread.
+    storage = study._storage
+    waiting = storage.get_all_trials(study._study_id, deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
+    for t in sorted(waiting, key=lambda t: retried(t) is None):
+        try:
+            if storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.RUNNING):
+                return optuna.trial.Trial(study, t._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError: continue
+    return None
 
 
 def worker(spec_path, out, storage_url_, name, data, threads, trials=None):

@@ -108,6 +108,20 @@ def test_a_killed_sweep_run_again_resumes_the_dead_trial_from_its_checkpoint(tmp
     assert 'trial 1' in res.stdout and (out / 'summary.csv').exists()
 
 
+def test_a_dead_trials_retry_is_taken_before_the_trials_queued_ahead_of_it():
+    # A sweep run again after its session ended: the trial it killed holds finished epochs, so it resumes first.
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name='order', storage=storage, direction='maximize')
+    for seed in (0, 1, 2): study.enqueue_trial({'seed': seed})
+    first = sweep.take_queued_trial(study)
+    study.enqueue_trial({'seed': 0})  # what Optuna's retry callback queues for a dead trial 0 (below: its mark)
+    retry = study.get_trials(deepcopy=False)[-1]
+    storage.set_trial_system_attr(retry._trial_id, 'failed_trial', first.number)
+    taken = [sweep.take_queued_trial(study).number for _ in range(3)]
+    assert taken == [retry.number, 1, 2] and sweep.take_queued_trial(study) is None
+    assert {t.number for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))} == {0, 1, 2, 3}
+
+
 def test_a_pruned_trial_is_marked_as_such_in_the_summary(tmp_path, data):
     spec = spec_file(tmp_path, TINY + 'seeds = [0]\n[grid]\nlr = [0.05]\n'
                                       '[pruner]\nname = "ThresholdPruner"\nlower = 1.01\n', name='prune')
