@@ -50,7 +50,7 @@ def download_cifar(url=None):
 
 
 def unpack(archive):
-    "Unpack a tar archive into the cache once; later calls reuse the unpacked folder."
+    "Unpack a tar archive into the cache; later calls (and commands) reuse the unpacked folder."
     if not tarfile.is_tarfile(archive):
         raise CifarFastaiError(f'data: {archive} is neither a folder nor a readable .tgz/.tar archive')
     st = archive.stat()

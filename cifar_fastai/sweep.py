@@ -252,15 +252,14 @@ def run_trial(trial, spec, out, data):
 
 def take_queued_trial(study):
     "The next queued trial, claimed atomically, retries of dead trials first; None when the queue is empty."
-    # Optuna's ask() samples a new trial when the queue is empty, and takes queued ones in the order they were queued,
-    # so a dead trial's retry (its epochs kept in a checkpoint) would wait behind every fresh one. A sweep's plan is
-    # fixed: workers claim queued trials themselves, retries first, with the atomic claim of ask()'s
-    # Study._pop_waiting_trial_id (a trial another worker took first is skipped), on the study's own storage (Optuna
-    # has no public claim), and keep them alive with Optuna's heartbeat thread.
+    # Optuna's ask() samples a new trial when the queue is empty (a sweep's plan is fixed), and takes queued trials in
+    # order, so a dead trial's retry, its epochs kept in a checkpoint, would wait behind every fresh one. Optuna has
+    # no public claim of a queued trial: this is Study._pop_waiting_trial_id's (Optuna 4.9-5.x), in another order.
     storage = study._storage
     waiting = storage.get_all_trials(study._study_id, deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
     retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
-    for t in sorted(waiting, key=lambda t: retried(t) is None):
+    def fresh(t): return retried(t) is None  # False sorts first: retries, then fresh trials in queue order
+    for t in sorted(waiting, key=fresh):
         try:
             if storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.RUNNING):
                 return optuna.trial.Trial(study, t._trial_id)

@@ -14,6 +14,13 @@ from cifar_fastai.data import cifar_files, locate_data
 from cifar_fastai.runtime import inference_callbacks, silence
 
 
+def labelled_probabilities(learn, model, files):
+    "(probabilities, targets) of `learn` (loaded from `model`) on image `files` labelled by folder, single view."
+    probs, targets = learn.get_preds(dl=learn.dls.test_dl(files, with_labels=True, bs=256),
+                                     cbs=inference_callbacks(learn, inference_precision(model)))
+    return probs.float(), targets
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('models', nargs='+'), ap.add_argument('--data', required=True), ap.add_argument('--out', required=True)
@@ -24,9 +31,8 @@ def main():
         learn = silence(load_for_inference(model))
         classes = classes or list(learn.dls.vocab)
         if list(learn.dls.vocab) != classes: raise SystemExit(f'{model}: its classes differ from the first model\'s')
-        p, targets = learn.get_preds(dl=learn.dls.test_dl(test, with_labels=True, bs=256),
-                                     cbs=inference_callbacks(learn, inference_precision(model)))
-        probs.append(p.float())
+        p, targets = labelled_probabilities(learn, model, test)
+        probs.append(p)
         rows.append(dict(model=model, accuracy=(p.argmax(1) == targets).float().mean().item()))
     mean = torch.stack(probs).mean(0)
     rows.append(dict(model=f'mean of the {len(probs)}', accuracy=(mean.argmax(1) == targets).float().mean().item()))

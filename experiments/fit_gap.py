@@ -13,9 +13,10 @@ from pathlib import Path
 import pandas as pd
 import torch.nn.functional as F
 
-from cifar_fastai.artifacts import inference_precision, load_for_inference
+from cifar_fastai.artifacts import load_for_inference
 from cifar_fastai.data import cifar_files, locate_data
-from cifar_fastai.runtime import inference_callbacks, silence, versions
+from cifar_fastai.runtime import silence, versions
+from ensemble import labelled_probabilities
 
 
 def main():
@@ -30,9 +31,7 @@ def main():
         learn = silence(load_for_inference(model))
         row = dict(model=model)
         for split, files in (('train', train), ('test', test)):
-            probs, targets = learn.get_preds(dl=learn.dls.test_dl(files, with_labels=True, bs=256),
-                                             cbs=inference_callbacks(learn, inference_precision(model)))
-            probs = probs.float()
+            probs, targets = labelled_probabilities(learn, model, files)
             row[f'{split}_accuracy'] = (probs.argmax(1) == targets).float().mean().item()
             row[f'{split}_loss'] = F.nll_loss(probs.clamp_min(1e-12).log(), targets).item()
         row['train_images'], row['test_images'] = len(train), len(test)

@@ -25,13 +25,17 @@ def test_archive_is_unpacked_once_into_the_cache(tiny_tgz, tmp_path):
 
 def test_an_archive_unpacked_by_another_process_meanwhile_is_used(tiny_tgz, tmp_path, monkeypatch):
     # Two commands started together both unpack; the later one's rename finds the earlier one's folder in place.
-    extract, other = tarfile.TarFile.extractall, []
+    extract, other = tarfile.TarFile.extractall, None
     def extract_while_another_process_finishes(self, *args, **kwargs):
+        nonlocal other
         extract(self, *args, **kwargs)
-        if not other: other.append(None); other.append(locate_data(str(tiny_tgz)))
+        if other is None:  # the first extraction only: the other process runs to the end, and may be reading it
+            other = False
+            other = locate_data(str(tiny_tgz))
+            (other / 'train' / 'marker').write_text('in use')
     monkeypatch.setattr(tarfile.TarFile, 'extractall', extract_while_another_process_finishes)
     root = locate_data(str(tiny_tgz))
-    assert root == other[1] and (root / 'train' / 'cat').is_dir()
+    assert root == other and (root / 'train' / 'marker').read_text() == 'in use'  # theirs, kept as it was
     assert not list((tmp_path / 'cache').glob('.unpacking-*'))  # our own copy is cleaned up
 
 
