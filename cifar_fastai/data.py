@@ -1,4 +1,5 @@
 "Where CIFAR-10 comes from, and fastai DataLoaders over it with every image decoded once."
+import hashlib
 import os
 import random
 import shutil
@@ -49,12 +50,21 @@ def download_cifar(url=None):
     return find_root(path)
 
 
+def content_digest(path):
+    "The first 16 hex digits of the file's SHA-256."
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 20): digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def unpack(archive):
     "Unpack a tar archive into the cache; later calls (and commands) reuse the unpacked folder."
     if not tarfile.is_tarfile(archive):
         raise CifarFastaiError(f'data: {archive} is neither a folder nor a readable .tgz/.tar archive')
-    st = archive.stat()
-    dest = cache_dir() / f'{archive.name}-{st.st_size}-{int(st.st_mtime)}'
+    # Keyed by content, not size and mtime: a copy of the same archive made anew (a fresh checkout, a
+    # restored backup) reuses its unpacked folder instead of adding another of the same images to the disk.
+    dest = cache_dir() / f'{archive.name}-{content_digest(archive)}'
     if dest.is_dir(): return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Unpack beside the destination and rename: an interrupted unpack never looks like a finished one.

@@ -1,3 +1,4 @@
+import os
 import tarfile
 
 import numpy as np
@@ -21,6 +22,24 @@ def test_archive_is_unpacked_once_into_the_cache(tiny_tgz, tmp_path):
     marker = root / 'train' / 'marker'
     marker.write_text('x')
     assert locate_data(str(tiny_tgz)) == root and marker.exists()
+
+
+def test_a_fresh_copy_of_the_same_archive_reuses_its_unpacked_folder(tiny_tgz, tmp_path):
+    root = locate_data(str(tiny_tgz))
+    copy = tmp_path / 'again' / tiny_tgz.name
+    copy.parent.mkdir()
+    copy.write_bytes(tiny_tgz.read_bytes())
+    os.utime(copy, (1, 1))  # copied anew: another mtime, the same bytes
+    assert locate_data(str(copy)) == root
+    assert len(list((tmp_path / 'cache').iterdir())) == 1
+
+
+def test_a_changed_archive_is_unpacked_afresh(tiny_tgz, tiny_cifar):
+    root = locate_data(str(tiny_tgz))
+    (tiny_cifar / 'NOTES').write_text('a file more')
+    with tarfile.open(tiny_tgz, 'w:gz') as tf: tf.add(tiny_cifar, arcname='cifar10')  # same name, other bytes
+    new_root = locate_data(str(tiny_tgz))
+    assert new_root != root and (new_root / 'NOTES').exists()
 
 
 def test_an_archive_unpacked_by_another_process_meanwhile_is_used(tiny_tgz, tmp_path, monkeypatch):
