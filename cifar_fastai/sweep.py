@@ -13,8 +13,10 @@ import math
 import multiprocessing
 import os
 import sys
+import threading
 import time
 import tomllib
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -185,6 +187,34 @@ def make_storage(url):
         raise CifarFastaiError(f'storage: cannot reach {parsed.get_backend_name()} at {where} ({reason})') from None
 
 
+def storage_reason(e):
+    "The database's own words for a storage error (Optuna wraps SQLAlchemy's, which wraps the driver's)."
+    cause = e.__cause__ or e
+    return str(getattr(cause, 'orig', None) or cause).strip().splitlines()[0]
+
+
+def is_storage_error(e):
+    from sqlalchemy.exc import SQLAlchemyError
+    return isinstance(e, (optuna.exceptions.StorageInternalError, SQLAlchemyError))
+
+
+@contextmanager
+def storage_failures_in_one_line():
+    "A study's database lost mid-sweep (server down, file replaced or on a full disk): one line, not a traceback."
+    # Optuna raises these from any storage call, a trial's report at the end of an epoch included; the epoch is in the
+    # checkpoint by then (OptunaPruning runs after Checkpoint), so the same command resumes once the database is back.
+    try: yield
+    except Exception as e:
+        if not is_storage_error(e): raise
+        raise CifarFastaiError(f'storage: the study\'s database failed ({storage_reason(e)}); finished epochs are in '
+                               'the trial\'s checkpoint: run the same sweep command again once it is back') from None
+
+
+def quiet_heartbeat_failures(args):
+    "threading.excepthook: Optuna's heartbeat thread dies silently on a storage error; the trial's next call says it."
+    if not is_storage_error(args.exc_value): threading.__excepthook__(args)
+
+
 def open_study(spec, storage, name, trials=None):
     "The study named `name`: made and planned by the first worker; joined (same plan checked) by the others."
     digests = [d + (f'-{trials}' if trials else '') for d in spec.digests()]
@@ -270,14 +300,20 @@ def take_queued_trial(study):
 def worker(spec_path, out, storage_url_, name, data, threads, trials=None):
     "Take queued trials until none is left and none is running (a running one may die and be queued again)."
     import torch
+    torch.set_num_threads(threads)
+    quiet_optuna()
+    threading.excepthook = quiet_heartbeat_failures
+    spec = read_spec(spec_path)
+    storage = make_storage(storage_url_)
+    with storage_failures_in_one_line():
+        study = optuna.load_study(study_name=name, storage=storage, pruner=spec.make_pruner())
+        run_queued_trials(study, storage, spec, out, data)
+
+
+def run_queued_trials(study, storage, spec, out, data):
     from optuna.storages._heartbeat import get_heartbeat_thread
     from .rundir import RunFolderBusy
     from .train import RunInterrupted
-    torch.set_num_threads(threads)
-    quiet_optuna()
-    spec = read_spec(spec_path)
-    storage = make_storage(storage_url_)
-    study = optuna.load_study(study_name=name, storage=storage, pruner=spec.make_pruner())
     running = (optuna.trial.TrialState.RUNNING,)
     while True:
         optuna.storages.fail_stale_trials(study)
@@ -413,7 +449,7 @@ def run_sweep(spec_path, out, data=None, jobs=1, storage=None, trials=None, stud
     root = str(locate_data(data))  # unpacked once here, not by every worker
     st = make_storage(url)
     atomic_write(out / 'sweep.json', json.dumps(record, indent=2).encode())
-    open_study(spec, st, name, trials)
+    with storage_failures_in_one_line(): open_study(spec, st, name, trials)
     threads = max(1, usable_cores() // jobs)  # never more threads than cores (taskset -c 1: one)
     args = (str(spec.path), str(out), url, name, root, threads, trials)
     if jobs == 1: worker(*args)
@@ -422,8 +458,7 @@ def run_sweep(spec_path, out, data=None, jobs=1, storage=None, trials=None, stud
         procs = [ctx.Process(target=_child, args=args) for _ in range(jobs)]
         for p in procs: p.start()
         for p in procs: p.join()
-    study = optuna.load_study(study_name=name, storage=st)
-    table = summarize(study, out)
+    with storage_failures_in_one_line(): table = summarize(optuna.load_study(study_name=name, storage=st), out)
     print(f'summary: {out / "summary.md"}')
     if jobs > 1 and any(p.exitcode for p in procs):
         raise CifarFastaiError(f'sweep: {sum(bool(p.exitcode) for p in procs)} of {jobs} workers stopped early (see '

@@ -108,6 +108,30 @@ def test_a_killed_sweep_run_again_resumes_the_dead_trial_from_its_checkpoint(tmp
     assert 'trial 1' in res.stdout and (out / 'summary.csv').exists()
 
 
+def test_a_study_database_lost_mid_trial_stops_in_one_line_and_the_same_command_resumes(
+        tmp_path, data, capsys, monkeypatch):
+    # The study.db file replaced under a running sweep (here by `git stash` of a committed sweep): SQLite refuses
+    # every later write, at the end of the trial's next epoch at the latest.
+    spec = spec_file(tmp_path, 'epochs = 3\nbs = 4\nworkers = 0\nseeds = [0]\n[grid]\nlr = [0.1]\n', name='lost')
+    out = tmp_path / 'sweep'
+    report = sweep.OptunaPruning.after_epoch
+    def replace_the_database_after_the_first_epoch(self):
+        if self.epoch == 0:
+            db = out / 'study.db'
+            (tmp_path / 'copy.db').write_bytes(db.read_bytes())
+            os.replace(tmp_path / 'copy.db', db)
+        report(self)
+    monkeypatch.setattr(sweep.OptunaPruning, 'after_epoch', replace_the_database_after_the_first_epoch)
+    one_line_error(capsys, ['sweep', spec, '--out', out, '--data', data], "storage: the study's database failed")
+    history = out / 'trials' / '0' / 'history.csv'
+    before = pd.read_csv(history)
+    assert len(before) == 1 and (out / 'trials' / '0' / 'checkpoint.pth').exists()
+    run_cli('sweep', spec, '--out', out, '--data', data)  # takes the trial once its heartbeat is GRACE seconds old
+    after = pd.read_csv(history)
+    assert len(after) == 3 and after.seconds[0] == before.seconds[0]  # resumed, not started again
+    assert study_of(out, 'lost').trials[-1].state == optuna.trial.TrialState.COMPLETE
+
+
 def test_a_dead_trials_retry_is_taken_before_the_trials_queued_ahead_of_it():
     # A sweep run again after its session ended: the trial it killed holds finished epochs, so it resumes first.
     study = optuna.create_study(study_name='order', direction='maximize')
