@@ -60,11 +60,13 @@ def content_digest(path):
 
 def unpack(archive):
     "Unpack a tar archive into the cache; later calls (and commands) reuse the unpacked folder."
-    if not tarfile.is_tarfile(archive):
-        raise CifarFastaiError(f'data: {archive} is neither a folder nor a readable .tgz/.tar archive')
-    # Keyed by content, not size and mtime: a copy of the same archive made anew (a fresh checkout, a
-    # restored backup) reuses its unpacked folder instead of adding another of the same images to the disk.
-    dest = cache_dir() / f'{archive.name}-{content_digest(archive)}'
+    try:
+        if not tarfile.is_tarfile(archive):
+            raise CifarFastaiError(f'data: {archive} is neither a folder nor a readable .tgz/.tar archive')
+        # Keyed by content, not size and mtime: a copy of the same archive made anew (a fresh checkout, a
+        # restored backup) reuses its unpacked folder instead of adding another of the same images to the disk.
+        dest = cache_dir() / f'{archive.name}-{content_digest(archive)}'
+    except OSError as e: raise CifarFastaiError(f'data: cannot read {archive} ({e.strerror or e})') from None
     if dest.is_dir(): return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Unpack beside the destination and rename: an interrupted unpack never looks like a finished one.

@@ -182,15 +182,15 @@ def make_storage(url):
             url, engine_kwargs={'connect_args': connect}, heartbeat_interval=HEARTBEAT, grace_period=GRACE,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                 max_retry=3, inherit_intermediate_values=True))
-    except (SQLAlchemyError, ImportError, ValueError) as e:
-        reason = str(getattr(e, 'orig', None) or e).strip().splitlines()[0]
-        raise CifarFastaiError(f'storage: cannot reach {parsed.get_backend_name()} at {where} ({reason})') from None
+    except (SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError, ValueError) as e:
+        raise CifarFastaiError(f'storage: cannot reach {parsed.get_backend_name()} at {where} ({storage_reason(e)})') from None
 
 
 def storage_reason(e):
     "The database's own words for a storage error (Optuna wraps SQLAlchemy's, which wraps the driver's)."
     cause = e.__cause__ or e
-    return str(getattr(cause, 'orig', None) or cause).strip().splitlines()[0]
+    text = str(getattr(cause, 'orig', None) or cause).strip()
+    return (text.splitlines() or [type(cause).__name__])[0]
 
 
 def is_storage_error(e):
@@ -198,21 +198,46 @@ def is_storage_error(e):
     return isinstance(e, (optuna.exceptions.StorageInternalError, SQLAlchemyError))
 
 
+# What to do after a storage failure, by where the sweep was: a trial's finished epochs are in its checkpoint by the
+# time Optuna is told of them (OptunaPruning runs after Checkpoint), so the same command resumes it.
+AFTER_LOST_TRIAL = 'finished epochs are in the trial\'s checkpoint: run the same sweep command again once it is back'
+AFTER_LOST_PLAN = ('the study may be half planned: once it is back, run again with another --study NAME and --out '
+                   'DIR, or delete this study')
+AFTER_LOST_SUMMARY = 'the trials are stored: once it is back, `cifar-fastai sweep OUT --report` writes the summary'
+
+
 @contextmanager
-def storage_failures_in_one_line():
+def storage_failures_in_one_line(advice):
     "A study's database lost mid-sweep (server down, file replaced or on a full disk): one line, not a traceback."
-    # Optuna raises these from any storage call, a trial's report at the end of an epoch included; the epoch is in the
-    # checkpoint by then (OptunaPruning runs after Checkpoint), so the same command resumes once the database is back.
     try: yield
     except Exception as e:
         if not is_storage_error(e): raise
-        raise CifarFastaiError(f'storage: the study\'s database failed ({storage_reason(e)}); finished epochs are in '
-                               'the trial\'s checkpoint: run the same sweep command again once it is back') from None
+        raise CifarFastaiError(f'storage: the study\'s database failed ({storage_reason(e)}); {advice}') from None
 
 
-def quiet_heartbeat_failures(args):
-    "threading.excepthook: Optuna's heartbeat thread dies silently on a storage error; the trial's next call says it."
-    if not is_storage_error(args.exc_value): threading.__excepthook__(args)
+class Heartbeat:
+    "A running trial's heartbeat in the study, every HEARTBEAT seconds until the `with` block ends."
+    # Optuna's heartbeat thread (storages._heartbeat) ends, with a traceback, at its first storage error: after a
+    # database outage of a few seconds the trial would go on training with no heartbeat, to be taken for dead by the
+    # other workers. This one tries again at the next beat; an outage that outlasts an epoch stops the trial's
+    # report, in one line.
+    def __init__(self, storage, trial_id): self.storage, self.trial_id = storage, trial_id
+
+    def __enter__(self):
+        self.storage.record_heartbeat(self.trial_id)  # at once: a trial with no heartbeat is never taken for dead
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.beat, daemon=True)
+        self.thread.start()
+
+    def beat(self):
+        while not self.stop.wait(HEARTBEAT):
+            try: self.storage.record_heartbeat(self.trial_id)
+            except Exception as e:
+                if not is_storage_error(e): raise
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
 
 
 def open_study(spec, storage, name, trials=None):
@@ -302,16 +327,14 @@ def worker(spec_path, out, storage_url_, name, data, threads, trials=None):
     import torch
     torch.set_num_threads(threads)
     quiet_optuna()
-    threading.excepthook = quiet_heartbeat_failures
     spec = read_spec(spec_path)
     storage = make_storage(storage_url_)
-    with storage_failures_in_one_line():
+    with storage_failures_in_one_line(AFTER_LOST_TRIAL):
         study = optuna.load_study(study_name=name, storage=storage, pruner=spec.make_pruner())
         run_queued_trials(study, storage, spec, out, data)
 
 
 def run_queued_trials(study, storage, spec, out, data):
-    from optuna.storages._heartbeat import get_heartbeat_thread
     from .rundir import RunFolderBusy
     from .train import RunInterrupted
     running = (optuna.trial.TrialState.RUNNING,)
@@ -323,7 +346,7 @@ def run_queued_trials(study, storage, spec, out, data):
             time.sleep(HEARTBEAT)
             continue
         t0 = time.time()
-        with get_heartbeat_thread(trial._trial_id, storage):
+        with Heartbeat(storage, trial._trial_id):
             # A CifarFastaiError (full disk, Ctrl-C/SIGTERM, ...) stops this worker with its one line; the trial,
             # left running without a heartbeat, is queued again when the command runs again, and resumes.
             try:
@@ -333,6 +356,9 @@ def run_queued_trials(study, storage, spec, out, data):
             except RunFolderBusy as e:  # its first worker is alive after all (it only went silent): let it finish
                 print(f'cifar-fastai: trial {trial.number}: {e}', file=sys.stderr, flush=True)
                 value, state = None, optuna.trial.TrialState.FAIL
+            except optuna.exceptions.UpdateFinishedTrialError:  # its report, after the database came back
+                raise CifarFastaiError(f'trial {trial.number} was taken for dead by another worker while the study\'s '
+                                       'database was out of reach; run the same sweep command again') from None
             except RunInterrupted:
                 raise RunInterrupted('interrupted; run the same sweep command again to continue '
                                      '(the trial under way resumes from its checkpoint)') from None
@@ -449,7 +475,7 @@ def run_sweep(spec_path, out, data=None, jobs=1, storage=None, trials=None, stud
     root = str(locate_data(data))  # unpacked once here, not by every worker
     st = make_storage(url)
     atomic_write(out / 'sweep.json', json.dumps(record, indent=2).encode())
-    with storage_failures_in_one_line(): open_study(spec, st, name, trials)
+    with storage_failures_in_one_line(AFTER_LOST_PLAN): open_study(spec, st, name, trials)
     threads = max(1, usable_cores() // jobs)  # never more threads than cores (taskset -c 1: one)
     args = (str(spec.path), str(out), url, name, root, threads, trials)
     if jobs == 1: worker(*args)
@@ -458,7 +484,7 @@ def run_sweep(spec_path, out, data=None, jobs=1, storage=None, trials=None, stud
         procs = [ctx.Process(target=_child, args=args) for _ in range(jobs)]
         for p in procs: p.start()
         for p in procs: p.join()
-    with storage_failures_in_one_line(): table = summarize(optuna.load_study(study_name=name, storage=st), out)
+    with storage_failures_in_one_line(AFTER_LOST_SUMMARY): table = summarize(optuna.load_study(study_name=name, storage=st), out)
     print(f'summary: {out / "summary.md"}')
     if jobs > 1 and any(p.exitcode for p in procs):
         raise CifarFastaiError(f'sweep: {sum(bool(p.exitcode) for p in procs)} of {jobs} workers stopped early (see '
@@ -487,6 +513,7 @@ def report(out, storage=None):
     except (OSError, ValueError): raise CifarFastaiError(f'sweep: {out} holds no sweep.json') from None
     if storage is None and not record['storage'].startswith('sqlite'):
         raise CifarFastaiError(f'sweep: the study of {out} is on a server ({record["storage"]}): give --storage URL')
-    try: study = optuna.load_study(study_name=record['study'], storage=make_storage(storage_url(storage, out)))
-    except KeyError: raise CifarFastaiError(f'sweep: no study {record["study"]!r} in that storage') from None
-    return summarize(study, out)
+    with storage_failures_in_one_line(AFTER_LOST_SUMMARY):
+        try: study = optuna.load_study(study_name=record['study'], storage=make_storage(storage_url(storage, out)))
+        except KeyError: raise CifarFastaiError(f'sweep: no study {record["study"]!r} in that storage') from None
+        return summarize(study, out)

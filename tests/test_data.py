@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cifar_fastai import data as data_module
 from cifar_fastai.config import resolve_settings
 from cifar_fastai.data import balanced_subset, cifar_dataloaders, cifar_files, download_cifar, locate_data
 from cifar_fastai.errors import CifarFastaiError
@@ -40,6 +41,12 @@ def test_a_changed_archive_is_unpacked_afresh(tiny_tgz, tiny_cifar):
     with tarfile.open(tiny_tgz, 'w:gz') as tf: tf.add(tiny_cifar, arcname='cifar10')  # same name, other bytes
     new_root = locate_data(str(tiny_tgz))
     assert new_root != root and (new_root / 'NOTES').exists()
+
+
+def test_an_archive_that_cannot_be_read_is_refused_in_one_line(tiny_tgz, monkeypatch):
+    def read_error(path): raise OSError(5, 'Input/output error')
+    monkeypatch.setattr(data_module, 'content_digest', read_error)
+    with pytest.raises(CifarFastaiError, match='cannot read .*cifar10.tgz .Input/output error.'): locate_data(str(tiny_tgz))
 
 
 def test_an_archive_unpacked_by_another_process_meanwhile_is_used(tiny_tgz, tmp_path, monkeypatch):

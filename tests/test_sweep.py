@@ -1,6 +1,7 @@
 "Sweeps over one Optuna study: every (point, seed) once, with several processes or machines, through kills."
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -110,16 +111,15 @@ def test_a_killed_sweep_run_again_resumes_the_dead_trial_from_its_checkpoint(tmp
 
 def test_a_study_database_lost_mid_trial_stops_in_one_line_and_the_same_command_resumes(
         tmp_path, data, capsys, monkeypatch):
-    # The study.db file replaced under a running sweep (here by `git stash` of a committed sweep): SQLite refuses
-    # every later write, at the end of the trial's next epoch at the latest.
+    # The study.db file replaced under a running sweep (as `git stash` did to a committed sweep): SQLite refuses
+    # writes on the connections opened before, the trial's report at the end of its first epoch among them.
     spec = spec_file(tmp_path, 'epochs = 3\nbs = 4\nworkers = 0\nseeds = [0]\n[grid]\nlr = [0.1]\n', name='lost')
     out = tmp_path / 'sweep'
     report = sweep.OptunaPruning.after_epoch
     def replace_the_database_after_the_first_epoch(self):
         if self.epoch == 0:
-            db = out / 'study.db'
-            (tmp_path / 'copy.db').write_bytes(db.read_bytes())
-            os.replace(tmp_path / 'copy.db', db)
+            with sqlite3.connect(out / 'study.db') as db, sqlite3.connect(tmp_path / 'copy.db') as copy: db.backup(copy)
+            os.replace(tmp_path / 'copy.db', out / 'study.db')
         report(self)
     monkeypatch.setattr(sweep.OptunaPruning, 'after_epoch', replace_the_database_after_the_first_epoch)
     one_line_error(capsys, ['sweep', spec, '--out', out, '--data', data], "storage: the study's database failed")
@@ -130,6 +130,27 @@ def test_a_study_database_lost_mid_trial_stops_in_one_line_and_the_same_command_
     after = pd.read_csv(history)
     assert len(after) == 3 and after.seconds[0] == before.seconds[0]  # resumed, not started again
     assert study_of(out, 'lost').trials[-1].state == optuna.trial.TrialState.COMPLETE
+
+
+def test_the_heartbeat_outlasts_a_short_database_outage(monkeypatch):
+    # Optuna's own heartbeat thread ends at its first storage error, leaving a live trial to be taken for dead.
+    monkeypatch.setattr(sweep, 'HEARTBEAT', 0.01)
+    beats = []
+    class FlakyStorage:
+        def record_heartbeat(self, trial_id):
+            beats.append(trial_id)
+            if len(beats) in (2, 3): raise optuna.exceptions.StorageInternalError('server closed the connection')
+    with sweep.Heartbeat(FlakyStorage(), 7):
+        while len(beats) < 6: time.sleep(0.01)
+    assert set(beats) == {7}
+
+
+def test_report_from_a_lost_database_fails_in_one_line(tmp_path, data, capsys, monkeypatch):
+    out = tmp_path / 'sweep'
+    run_cli('sweep', spec_file(tmp_path, TINY + 'seeds = [0]\n'), '--out', out, '--data', data)
+    def lost(study, out): raise optuna.exceptions.StorageInternalError('x') from OSError('disk I/O error')
+    monkeypatch.setattr(sweep, 'summarize', lost)
+    one_line_error(capsys, ['sweep', out, '--report'], 'database failed (disk I/O error); the trials are stored')
 
 
 def test_a_dead_trials_retry_is_taken_before_the_trials_queued_ahead_of_it():
