@@ -7,7 +7,9 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 from safetensors.torch import load_file
+from torch.optim.swa_utils import update_bn
 
+from cifar_fastai.artifacts import load_for_inference
 from cifar_fastai.augment import AlbumentationsTransform, seed_augmentations
 from cifar_fastai.config import DEFAULTS, resolve_settings
 from cifar_fastai.optim import nesterov_sgd
@@ -65,6 +67,27 @@ def test_ema_weights_are_what_is_validated_and_exported(tmp_path, data):
     assert (last.valid_loss, last.accuracy) == (pytest.approx(loss, rel=1e-5), pytest.approx(acc))
     learn.model.load_state_dict(trained)
     assert learn.validate()[0] != pytest.approx(last.valid_loss, rel=1e-5)  # the trained weights score otherwise
+
+
+def test_the_averaged_networks_batchnorm_statistics_are_measured_for_its_weights(tmp_path, data):
+    # Not averaged with the weights: running statistics averaged over networks that differ describe none of them.
+    # (Without dropout, which torch's update_bn leaves on, so that measuring twice gives the same statistics.)
+    s = resolve_settings({'epochs': 3, 'bs': 4, 'workers': 0, 'ema': 0.9, 'lr': 0.1, 'dropout': 0.0})
+    learn = fit_run(s, tmp_path / 'run', data=str(data))
+    exported = load_file(str(tmp_path / 'run' / 'model.safetensors'))
+    net = load_for_inference(tmp_path / 'run' / 'model.safetensors').model
+    update_bn(learn.dls.test_dl(learn.dls.train_ds.items), net)  # every training image, unaugmented
+    measured = net.state_dict()
+    stats = [k for k in exported if k.endswith(('running_mean', 'running_var'))]
+    assert stats and all(torch.allclose(measured[k], exported[k], atol=1e-5) for k in stats)
+
+
+def test_an_ema_run_trains_exactly_as_the_same_run_without_it(tmp_path, data):
+    s = resolve_settings({'epochs': 3, 'bs': 4, 'workers': 0, 'lr': 0.1, 'dropout': 0.2})
+    fit_run(s, tmp_path / 'plain', data=str(data))
+    fit_run({**s, 'ema': 0.9}, tmp_path / 'ema', data=str(data))
+    plain, ema = (pd.read_csv(tmp_path / r / 'history.csv') for r in ('plain', 'ema'))
+    assert plain.train_loss.tolist() == ema.train_loss.tolist()  # the same augmentations, dropout masks and order
 
 
 def test_an_ema_run_continued_from_its_checkpoint_ends_with_the_same_average(tmp_path, data):
