@@ -1,5 +1,6 @@
 "Callbacks fastai lacks: the spec's StepLR, per-epoch history, CPU autocast, memory trimming, checkpoints."
 import ctypes
+import random
 import signal
 import time
 from contextlib import contextmanager
@@ -78,6 +79,13 @@ def measure_batchnorm(model, images):
     model.train(was_training)
 
 
+def batchnorm_sample(items, n=5000):
+    "`n` of `items` to measure batch-norm statistics on, in a fixed random order: each batch mixes the classes."
+    # The items come in class order; batches of one class would give each layer its within-class variance only.
+    # A private generator: the run's random streams stay as they are, and every process picks the same.
+    return random.Random(0).sample(list(items), min(n, len(items)))
+
+
 @contextmanager
 def random_states_kept():
     "Python's, numpy's and torch's random states as they were before the block."
@@ -89,23 +97,23 @@ def random_states_kept():
 class WeightAveraging(Callback):
     "An exponential moving average of the weights (torch's AveragedModel): validated every epoch, kept at the end."
     # Batch-norm statistics are not averaged with the weights (use_buffers=False): statistics averaged over networks
-    # that differ describe none of them, and cost best.toml's 10-epoch average 3.2 points
+    # that differ describe none of them, and cost best.toml's 10-epoch average 3.3 points
     # (experiments/results/ema-batchnorm/ema-batchnorm.csv). They are measured afresh for the averaged weights before
-    # each validation, on BN_IMAGES training images shown as the test images are: no augmentation, so the run's
+    # each validation, on 5,000 training images shown as the test images are: no augmentation, so the run's
     # random stream, and with it the training, is the same as without the average.
     order = 65  # before ResumeFromCheckpoint (70), which restores the average
-    BN_IMAGES = 5000
 
     def __init__(self, decay): self.decay = decay
 
     def before_fit(self):
         self.average = AveragedModel(bare_model(self.model), multi_avg_fn=get_ema_multi_avg_fn(self.decay))
-        items = self.dls.train_ds.items  # in class order: every k-th image covers every class
+        picked = batchnorm_sample(self.dls.train_ds.items)
         with random_states_kept():  # a fastai DataLoader draws its own seed
-            # Every process of a distributed run measures all of them, so all hold the same statistics.
-            # (DataLoaders.test_dl, less its DistributedDL.new, which fails for want of the run's timeout.)
-            images = test_set(self.dls.valid_ds, items[::max(1, len(items) // self.BN_IMAGES)])
-            self.bn_images = inner_loader(self.dls.valid).new(images)
+            # Every process of a distributed run measures all of them, so all hold the same statistics. The inner
+            # loader's `new`: DataLoaders.test_dl would call DistributedDL.new, which cannot make a plain loader.
+            # Full batches only: with momentum None every batch weighs the same, a last one of 8 images included.
+            self.bn_images = inner_loader(self.dls.valid).new(test_set(self.dls.valid_ds, picked),
+                                                             drop_last=len(picked) >= self.dls.valid.bs)
 
     def after_step(self): self.average.update_parameters(bare_model(self.model))
 

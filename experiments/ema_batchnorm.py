@@ -1,7 +1,7 @@
 """Question: when an EMA of the weights scores below the weights it averages, is it the average's lag, or batch-norm
 statistics averaged along with the weights (torch's AveragedModel(use_buffers=True)), which describe none of the
 networks averaged? Each model's test accuracy as exported, then with its batch-norm statistics measured for its own
-weights (cifar_fastai.callbacks.measure_batchnorm, as `fit --ema` does now) on every tenth training image, unaugmented.
+weights (cifar_fastai.callbacks.measure_batchnorm, as `fit --ema` does now) on 5,000 training images, unaugmented.
 
 Run: python experiments/ema_batchnorm.py A/model.safetensors B/model.safetensors ... --data PATH
          --out experiments/results/ema-batchnorm/ema-batchnorm.csv
@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from cifar_fastai.artifacts import load_for_inference
-from cifar_fastai.callbacks import measure_batchnorm
+from cifar_fastai.callbacks import batchnorm_sample, measure_batchnorm
 from cifar_fastai.data import cifar_files, locate_data
 from cifar_fastai.runtime import silence, versions
 from ensemble import labelled_probabilities
@@ -32,7 +32,7 @@ def main():
     for model in args.models:
         learn = silence(load_for_inference(model))
         row = dict(model=model, exported=accuracy(learn, model, test))
-        measure_batchnorm(learn.model, learn.dls.test_dl(train[::10], bs=256))
+        measure_batchnorm(learn.model, learn.dls.test_dl(batchnorm_sample(train), bs=128, drop_last=True))
         learn.model.eval()
         row['batchnorm_measured'] = accuracy(learn, model, test)
         rows.append(row)

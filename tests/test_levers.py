@@ -11,6 +11,7 @@ from torch.optim.swa_utils import update_bn
 
 from cifar_fastai.artifacts import load_for_inference
 from cifar_fastai.augment import AlbumentationsTransform, seed_augmentations
+from cifar_fastai.callbacks import batchnorm_sample
 from cifar_fastai.config import DEFAULTS, resolve_settings
 from cifar_fastai.optim import nesterov_sgd
 from cifar_fastai.train import RunInterrupted, fit_run, resume_run
@@ -76,7 +77,8 @@ def test_the_averaged_networks_batchnorm_statistics_are_measured_for_its_weights
     learn = fit_run(s, tmp_path / 'run', data=str(data))
     exported = load_file(str(tmp_path / 'run' / 'model.safetensors'))
     net = load_for_inference(tmp_path / 'run' / 'model.safetensors').model
-    update_bn(learn.dls.test_dl(learn.dls.train_ds.items), net)  # every training image, unaugmented
+    images = batchnorm_sample(learn.dls.train_ds.items)  # every training image here, in the order fit --ema takes
+    update_bn(learn.dls.test_dl(images, drop_last=True), net)  # unaugmented, full batches
     measured = net.state_dict()
     stats = [k for k in exported if k.endswith(('running_mean', 'running_var'))]
     assert stats and all(torch.allclose(measured[k], exported[k], atol=1e-5) for k in stats)
@@ -88,6 +90,8 @@ def test_an_ema_run_trains_exactly_as_the_same_run_without_it(tmp_path, data):
     fit_run({**s, 'ema': 0.9}, tmp_path / 'ema', data=str(data))
     plain, ema = (pd.read_csv(tmp_path / r / 'history.csv') for r in ('plain', 'ema'))
     assert plain.train_loss.tolist() == ema.train_loss.tolist()  # the same augmentations, dropout masks and order
+    trained = [torch.load(tmp_path / r / 'checkpoint.pth', weights_only=False)['model'] for r in ('plain', 'ema')]
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
 
 
 def test_an_ema_run_continued_from_its_checkpoint_ends_with_the_same_average(tmp_path, data):
