@@ -111,7 +111,8 @@ class WeightAveraging(Callback):
         with random_states_kept():  # a fastai DataLoader draws its own seed
             # Every process of a distributed run measures all of them, so all hold the same statistics. The inner
             # loader's `new`: DataLoaders.test_dl would call DistributedDL.new, which cannot make a plain loader.
-            # Full batches only: with momentum None every batch weighs the same, a last one of 8 images included.
+            # Full batches only: with momentum None every batch weighs the same, so a last batch of 8 images would
+            # count as much as one of 128.
             self.bn_images = inner_loader(self.dls.valid).new(test_set(self.dls.valid_ds, picked),
                                                              drop_last=len(picked) >= self.dls.valid.bs)
 
