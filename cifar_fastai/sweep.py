@@ -383,13 +383,16 @@ def progress_line(study, number, state, value, t0):
     return f'trial {number}  {settings}  {result}  {(time.time() - t0) / 60:.1f} min{best}'
 
 
+STATISTICS = ('n', 'accuracy_mean', 'accuracy_std', 'accuracy_min', 'accuracy_max', 'minutes', 'pruned')
+
+
 def point_table(study):
     "One row per point of the space: its settings, seeds finished, accuracy mean/std/min/max, minutes; best first."
     rows = [dict(point=t.user_attrs.get('point'), **{k: v for k, v in t.params.items() if k != 'seed'},
                  seed=t.params.get('seed'), state=t.state.name.lower(), accuracy=t.value,
                  minutes=t.user_attrs.get('minutes'))
             for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.params]
-    if not rows: return pd.DataFrame(columns=['setting'])
+    if not rows: return pd.DataFrame(columns=['point', *STATISTICS, 'setting'])  # a header for readers of summary.csv
     df = pd.DataFrame(rows)
     names = [c for c in df.columns if c not in ('point', 'seed', 'state', 'accuracy', 'minutes')]
     done = df[df.state == 'complete']

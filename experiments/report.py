@@ -14,6 +14,7 @@ import pandas as pd
 
 from cifar_fastai.cli import _settings
 from cifar_fastai.config import DEFAULTS, TTA_VIEWS, resolve_settings, upgrade_settings
+from cifar_fastai.sweep import STATISTICS
 from cifar_fastai.tta import file_suffix
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,8 +239,10 @@ def sweeps_table(results=RESULTS):
     for summary in sorted(results.glob('sweeps/*/summary.csv')):
         folder, s = summary.parent, pd.read_csv(summary)
         rel = folder.relative_to(ROOT)
-        settings = [c for c in s.columns if c not in ('point', 'n', 'accuracy_mean', 'accuracy_std', 'accuracy_min',
-                                                       'accuracy_max', 'minutes', 'pruned')]
+        if s.empty:
+            parts.append(f'**[{folder.name}]({rel})**: no trial has finished yet.')
+            continue
+        settings = [c for c in s.columns if c not in ('point', *STATISTICS)]
         rows = pd.DataFrame({
             'settings': s[settings].apply(lambda r: ', '.join(f'{k} {v:g}' if isinstance(v, float) else f'{k} {v}'
                                                               for k, v in r.items()), axis=1) if settings else 'base',

@@ -4,8 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pandas as pd
 
+from cifar_fastai import sweep
 from cifar_fastai.config import resolve_settings
 
 sys.path.insert(0, str(Path(__file__).parents[1] / 'experiments'))
@@ -48,6 +50,21 @@ def test_sweeps_table_comes_from_each_sweep_summary(tmp_path, monkeypatch):
     assert '(sweeps/lr/summary.md; 3 trials on CPU: a, CPU: b)' in table  # the machines that ran its trials
     assert '| lr 0.2 | 3 | 81.00% +- 0.40% | 80.50% - 81.50% | 12 |' in table
     assert '| lr 0.1 | 1 | 80.00% | 80.00% - 80.00% | 11 |' in table and 'sweeps/lr/sweep.png' in table
+
+
+def test_a_sweep_stopped_before_any_trial_finished_is_reported_as_such(tmp_path, monkeypatch):
+    # The sweep was stopped during its first trial: its summary.csv holds a header and no rows.
+    space = {'lr': optuna.distributions.CategoricalDistribution([0.1]),
+             'seed': optuna.distributions.CategoricalDistribution([0])}
+    study = optuna.create_study(study_name='lr', direction='maximize')
+    study.add_trial(optuna.trial.create_trial(params={'lr': 0.1, 'seed': 0}, distributions=space,
+                                              state=optuna.trial.TrialState.RUNNING, user_attrs={'point': 0}))
+    folder = tmp_path / 'sweeps' / 'lr'
+    folder.mkdir(parents=True)
+    sweep.summarize(study, folder)
+    import report
+    monkeypatch.setattr(report, 'ROOT', tmp_path)
+    assert sweeps_table(tmp_path) == '**[lr](sweeps/lr)**: no trial has finished yet.'
 
 
 def test_a_runs_date_is_its_last_commit_or_today_while_it_has_uncommitted_changes(tmp_path):
