@@ -1,9 +1,13 @@
 "Sweeps over one Optuna study: every (point, seed) once, with several processes or machines, through kills."
 import os
+import shutil
 import signal
+import socket
+import socketserver
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -277,3 +281,68 @@ def test_two_workers_on_one_postgresql_study_share_the_work_and_run_each_trial_o
     assert sorted(ran[0] + ran[1]) == list(range(8)) and ran[0] and ran[1]  # both worked, none twice
     for i in (1, 2):  # each machine's summary covers the whole study
         assert pd.read_csv(tmp_path / f'machine{i}' / 'summary.csv').n.sum() == 8
+
+
+class Relay(socketserver.ThreadingTCPServer):
+    "A TCP relay to the PostgreSQL server, for clients in another network namespace to reach it through a veth link."
+    daemon_threads = allow_reuse_address = True
+
+    def __init__(self, address, upstream):
+        class Pipe(socketserver.BaseRequestHandler):
+            def handle(self):
+                with socket.create_connection(upstream) as up:
+                    def pump(a, b):
+                        try:
+                            while data := a.recv(65536): b.sendall(data)
+                        except OSError: pass
+                    threading.Thread(target=pump, args=(up, self.request), daemon=True).start()
+                    pump(self.request, up)
+        super().__init__(address, Pipe)
+
+
+@pytest.mark.skipif(not (POSTGRES and os.geteuid() == 0 and shutil.which('ip')),
+                    reason='needs a PostgreSQL server and root for a network namespace (.ci/run has both)')
+def test_a_postgresql_server_cut_off_by_the_network_fails_in_one_line_instead_of_hanging(tmp_path):
+    # A worker in its own network namespace reaches the server over a veth link; the link then goes down with a
+    # query in flight: no reset ever comes, only silence, as when a machine of the sweep loses its network.
+    tag, net = uuid.uuid4().hex[:6], f'10.{200 + os.getpid() % 50}.{os.getpid() % 250}'
+    ns, host_end, ns_end = f'cf{tag}', f'cfh{tag}', f'cfn{tag}'
+    ip = lambda *args: subprocess.run(['ip', *args], check=True, capture_output=True)
+    try: ip('netns', 'add', ns)
+    except subprocess.CalledProcessError as e: pytest.skip(f'no network namespace here: {e.stderr.decode().strip()}')
+    try:
+        ip('link', 'add', host_end, 'type', 'veth', 'peer', 'name', ns_end)
+        ip('link', 'set', ns_end, 'netns', ns)
+        ip('addr', 'add', f'{net}.1/30', 'dev', host_end)
+        ip('link', 'set', host_end, 'up')
+        ip('netns', 'exec', ns, 'ip', 'addr', 'add', f'{net}.2/30', 'dev', ns_end)
+        ip('netns', 'exec', ns, 'ip', 'link', 'set', ns_end, 'up')
+        server = sweep.parse_url(POSTGRES)
+        relay = Relay((f'{net}.1', 0), (server.host, server.port or 5432))
+        threading.Thread(target=relay.serve_forever, daemon=True).start()
+        url = server.set(host=f'{net}.1', port=relay.server_address[1]).render_as_string(hide_password=False)
+        worker = subprocess.Popen(
+            ['ip', 'netns', 'exec', ns, sys.executable, '-W', 'ignore', '-c', f"""
+import sys, optuna
+from cifar_fastai import sweep
+sweep.quiet_optuna()
+study = optuna.create_study(study_name='cut-{tag}', storage=sweep.make_storage({url!r}))
+print('connected', flush=True)
+sys.stdin.readline()
+try:
+    with sweep.storage_failures_in_one_line(sweep.AFTER_LOST_TRIAL): study.ask()
+except Exception as e: sys.exit(f'cifar-fastai: error: {{e}}')
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert worker.stdout.readline() == 'connected\n', worker.communicate()
+        ip('link', 'set', host_end, 'down')
+        t0 = time.monotonic()
+        try: _, err = worker.communicate('go\n', timeout=120)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            pytest.fail('the storage call still waits for the server 120 s after the network went')
+        relay.shutdown()
+        assert worker.returncode != 0 and len(err.strip().splitlines()) == 1, err
+        assert "storage: the study's database failed" in err and time.monotonic() - t0 < 90, err
+    finally:
+        subprocess.run(['ip', 'netns', 'del', ns], capture_output=True)  # takes the veth pair with it
+        subprocess.run(['ip', 'link', 'del', host_end], capture_output=True)
