@@ -171,8 +171,9 @@ def parse_url(url):
                                                  '(e.g. postgresql://user:password@host/db)') from None
 
 
-# libpq's TCP keepalives and user timeout: without them a server cut off by the network (no reset) leaves a storage
-# call waiting for its reply for ever, or for the kernel's 15 minutes of retransmissions; with them, about 30 s.
+# A server cut off by the network (no reset) left a storage call waiting for its answer for ever, or, for a query
+# sent into the dead link, for the kernel's 15 minutes of retransmissions: libpq's keepalives end the first wait and
+# its TCP user timeout the second (it took effect only with keepalives on), each within about 40 s here.
 POSTGRES_CONNECT = dict(connect_timeout=5, keepalives=1, keepalives_idle=10, keepalives_interval=5,
                         keepalives_count=3, tcp_user_timeout=30_000)
 

@@ -288,61 +288,102 @@ class Relay(socketserver.ThreadingTCPServer):
     daemon_threads = allow_reuse_address = True
 
     def __init__(self, address, upstream):
+        self.sockets = []
         class Pipe(socketserver.BaseRequestHandler):
-            def handle(self):
-                with socket.create_connection(upstream) as up:
-                    def pump(a, b):
-                        try:
-                            while data := a.recv(65536): b.sendall(data)
-                        except OSError: pass
-                    threading.Thread(target=pump, args=(up, self.request), daemon=True).start()
-                    pump(self.request, up)
+            def handle(handler):
+                up = socket.create_connection(upstream)
+                self.sockets += [up, handler.request]
+                def pump(a, b):
+                    try:
+                        while data := a.recv(65536): b.sendall(data)
+                    except OSError: pass
+                threading.Thread(target=pump, args=(up, handler.request), daemon=True).start()
+                pump(handler.request, up)
         super().__init__(address, Pipe)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+        for s in self.sockets: s.close()  # the cut-off side never closes its end: its pumps would wait for ever
 
 
-@pytest.mark.skipif(not (POSTGRES and os.geteuid() == 0 and shutil.which('ip')),
-                    reason='needs a PostgreSQL server and root for a network namespace (.ci/run has both)')
-def test_a_postgresql_server_cut_off_by_the_network_fails_in_one_line_instead_of_hanging(tmp_path):
-    # A worker in its own network namespace reaches the server over a veth link; the link then goes down with a
-    # query in flight: no reset ever comes, only silence, as when a machine of the sweep loses its network.
-    tag, net = uuid.uuid4().hex[:6], f'10.{200 + os.getpid() % 50}.{os.getpid() % 250}'
+@pytest.fixture
+def server_behind_a_link():
+    "The PostgreSQL server as seen from a network namespace through a veth link: (url, namespace, cut the link)."
+    if not (POSTGRES and os.geteuid() == 0 and shutil.which('ip')):
+        pytest.skip('needs a PostgreSQL server and root for a network namespace (.ci/run has both)')
+    tag = uuid.uuid4().hex[:6]
     ns, host_end, ns_end = f'cf{tag}', f'cfh{tag}', f'cfn{tag}'
+    a, b = divmod(int(tag, 16) % (2 * 256 * 64), 256 * 64)  # a /30 of 198.18.0.0/15, set aside for tests of networks
+    net, host = f'198.{18 + a}.{b // 64}', 4 * (b % 64)
     ip = lambda *args: subprocess.run(['ip', *args], check=True, capture_output=True)
-    try: ip('netns', 'add', ns)
-    except subprocess.CalledProcessError as e: pytest.skip(f'no network namespace here: {e.stderr.decode().strip()}')
+    relay = None
     try:
-        ip('link', 'add', host_end, 'type', 'veth', 'peer', 'name', ns_end)
+        try:
+            ip('netns', 'add', ns)
+            ip('link', 'add', host_end, 'type', 'veth', 'peer', 'name', ns_end)
+        except subprocess.CalledProcessError as e: pytest.skip(f'no network namespace here: {e.stderr.decode().strip()}')
         ip('link', 'set', ns_end, 'netns', ns)
-        ip('addr', 'add', f'{net}.1/30', 'dev', host_end)
+        ip('addr', 'add', f'{net}.{host + 1}/30', 'dev', host_end)
         ip('link', 'set', host_end, 'up')
-        ip('netns', 'exec', ns, 'ip', 'addr', 'add', f'{net}.2/30', 'dev', ns_end)
+        ip('netns', 'exec', ns, 'ip', 'addr', 'add', f'{net}.{host + 2}/30', 'dev', ns_end)
         ip('netns', 'exec', ns, 'ip', 'link', 'set', ns_end, 'up')
         server = sweep.parse_url(POSTGRES)
-        relay = Relay((f'{net}.1', 0), (server.host, server.port or 5432))
-        threading.Thread(target=relay.serve_forever, daemon=True).start()
-        url = server.set(host=f'{net}.1', port=relay.server_address[1]).render_as_string(hide_password=False)
-        worker = subprocess.Popen(
-            ['ip', 'netns', 'exec', ns, sys.executable, '-W', 'ignore', '-c', f"""
+        relay = Relay((f'{net}.{host + 1}', 0), (server.host, server.port or 5432))
+        url = server.set(host=f'{net}.{host + 1}', port=relay.server_address[1]).render_as_string(hide_password=False)
+        yield url, ns, lambda: ip('link', 'set', host_end, 'down')
+    finally:
+        if relay: relay.close()
+        subprocess.run(['ip', 'netns', 'del', ns], capture_output=True)  # takes the veth pair with it
+        subprocess.run(['ip', 'link', 'del', host_end], capture_output=True)
+
+
+def query_running(sql):
+    from sqlalchemy import create_engine, text
+    engine = create_engine(POSTGRES)
+    try:
+        with engine.connect() as c:
+            return c.execute(text("select count(*) from pg_stat_activity where state = 'active' and query = :q"),
+                             dict(q=sql)).scalar() > 0
+    finally: engine.dispose()
+
+
+# Silence, not a reset, as when a machine of the sweep loses its network: either the query is sent into the dead
+# link (only the TCP user timeout ends that), or the server has it and its answer never comes (only keepalives).
+@pytest.mark.parametrize('cut', ['before the query', 'while the server runs it'])
+def test_a_postgresql_server_cut_off_by_the_network_fails_in_one_line_instead_of_hanging(server_behind_a_link, cut):
+    url, ns, cut_the_link = server_behind_a_link
+    name, slow = f'cut-{uuid.uuid4().hex[:6]}', 'select pg_sleep(300)'
+    call = 'study.ask()' if cut == 'before the query' else f'c.execute(text({slow!r}))'
+    worker = subprocess.Popen(['ip', 'netns', 'exec', ns, sys.executable, '-W', 'ignore', '-c', f"""
 import sys, optuna
+from sqlalchemy import text
 from cifar_fastai import sweep
 sweep.quiet_optuna()
-study = optuna.create_study(study_name='cut-{tag}', storage=sweep.make_storage({url!r}))
+storage = sweep.make_storage({url!r})
+study = optuna.create_study(study_name={name!r}, storage=storage)
 print('connected', flush=True)
 sys.stdin.readline()
 try:
-    with sweep.storage_failures_in_one_line(sweep.AFTER_LOST_TRIAL): study.ask()
+    with sweep.storage_failures_in_one_line(sweep.AFTER_LOST_TRIAL), storage.engine.connect() as c: {call}
 except Exception as e: sys.exit(f'cifar-fastai: error: {{e}}')
 """], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
         assert worker.stdout.readline() == 'connected\n', worker.communicate()
-        ip('link', 'set', host_end, 'down')
+        if cut == 'before the query': cut_the_link()
+        worker.stdin.write('go\n')
+        worker.stdin.flush()
+        if cut == 'while the server runs it':
+            for _ in range(100):
+                if query_running(slow): break
+                time.sleep(0.1)
+            else: pytest.fail('the slow query never reached the server')
+            cut_the_link()
         t0 = time.monotonic()
-        try: _, err = worker.communicate('go\n', timeout=120)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            pytest.fail('the storage call still waits for the server 120 s after the network went')
-        relay.shutdown()
+        try: _, err = worker.communicate(timeout=90)
+        except subprocess.TimeoutExpired: pytest.fail('the worker still waits for the server 90 s after the network went')
         assert worker.returncode != 0 and len(err.strip().splitlines()) == 1, err
-        assert "storage: the study's database failed" in err and time.monotonic() - t0 < 90, err
+        assert "storage: the study's database failed" in err and time.monotonic() - t0 < 60, err
     finally:
-        subprocess.run(['ip', 'netns', 'del', ns], capture_output=True)  # takes the veth pair with it
-        subprocess.run(['ip', 'link', 'del', host_end], capture_output=True)
+        if worker.poll() is None: worker.kill()
