@@ -186,12 +186,26 @@ def make_storage(url):
                                                                               {'connect_timeout': 5})
     where = parsed.host or parsed.database
     try:
-        return optuna.storages.RDBStorage(
+        storage = optuna.storages.RDBStorage(
             url, engine_kwargs={'connect_args': connect}, heartbeat_interval=HEARTBEAT, grace_period=GRACE,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                 max_retry=3, inherit_intermediate_values=True))
     except (SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError, ValueError) as e:
         raise CifarFastaiError(f'storage: cannot reach {parsed.get_backend_name()} at {where} ({storage_reason(e)})') from None
+    if parsed.get_backend_name() == 'sqlite': one_transaction_at_a_time(storage.engine)
+    return storage
+
+
+def one_transaction_at_a_time(engine):
+    "Each transaction on this SQLite engine takes the database's write lock at its start (BEGIN IMMEDIATE)."
+    # Optuna claims a queued trial by reading it WAITING and writing it RUNNING, made atomic by SELECT ... FOR UPDATE,
+    # which SQLite lacks; and Python's sqlite3 begins a transaction only at the write. So two workers could both read
+    # WAITING and both run the trial (seen with --jobs 2 on one busy core). SQLAlchemy's recipe for pysqlite: the
+    # driver's own BEGIN off, ours on; the claims then take turns.
+    from sqlalchemy import event
+    event.listen(engine, 'connect', lambda dbapi_connection, record: setattr(dbapi_connection, 'isolation_level', None))
+    event.listen(engine, 'begin', lambda connection: connection.exec_driver_sql('BEGIN IMMEDIATE'))
+    engine.dispose()  # the connections Optuna opened before the events were there
 
 
 def storage_reason(e):

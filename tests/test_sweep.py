@@ -1,4 +1,5 @@
 "Sweeps over one Optuna study: every (point, seed) once, with several processes or machines, through kills."
+import multiprocessing
 import os
 import shutil
 import signal
@@ -155,6 +156,30 @@ def test_report_from_a_lost_database_fails_in_one_line(tmp_path, data, capsys, m
     def lost(study, out): raise optuna.exceptions.StorageInternalError('x') from OSError('disk I/O error')
     monkeypatch.setattr(sweep, 'summarize', lost)
     one_line_error(capsys, ['sweep', out, '--report'], 'database failed (disk I/O error); the trials are stored')
+
+
+def claim_queued_trials(url, name, start, out):
+    study = optuna.load_study(study_name=name, storage=sweep.make_storage(url))
+    start.wait()
+    claimed = []
+    while (trial := sweep.take_queued_trial(study)) is not None: claimed.append(trial.number)
+    out.write_text(' '.join(map(str, claimed)))
+
+
+def test_workers_claiming_queued_trials_at_once_never_take_the_same_one(tmp_path):
+    # The claim's read (WAITING) and write (RUNNING) must not interleave between workers on one SQLite study.
+    url, workers, queued = f'sqlite:///{tmp_path / "study.db"}', 4, 80
+    study = optuna.create_study(study_name='queue', storage=sweep.make_storage(url))
+    for i in range(queued): study.enqueue_trial({'x': i})
+    ctx = multiprocessing.get_context('spawn')
+    start = ctx.Barrier(workers)
+    procs = [ctx.Process(target=claim_queued_trials, args=(url, 'queue', start, tmp_path / f'{i}.txt'))
+             for i in range(workers)]
+    for p in procs: p.start()
+    for p in procs: p.join(timeout=300)
+    assert all(p.exitcode == 0 for p in procs)
+    claimed = [int(n) for i in range(workers) for n in (tmp_path / f'{i}.txt').read_text().split()]
+    assert sorted(claimed) == list(range(queued))  # each once
 
 
 def test_a_dead_trials_retry_is_taken_before_the_trials_queued_ahead_of_it():
