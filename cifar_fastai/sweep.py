@@ -201,7 +201,8 @@ def one_transaction_at_a_time(engine):
     # Optuna claims a queued trial by reading it WAITING and writing it RUNNING, made atomic by SELECT ... FOR UPDATE,
     # which SQLite lacks; and Python's sqlite3 begins a transaction only at the write. So two workers could both read
     # WAITING and both run the trial (seen with --jobs 2 on one busy core). SQLAlchemy's recipe for pysqlite: the
-    # driver's own BEGIN off, ours on; the claims then take turns.
+    # driver's own BEGIN off, ours on; the claims then take turns. Workers build their storage from the URL: a
+    # pickled RDBStorage would rebuild its engine without these events.
     from sqlalchemy import event
     event.listen(engine, 'connect', lambda dbapi_connection, record: setattr(dbapi_connection, 'isolation_level', None))
     event.listen(engine, 'begin', lambda connection: connection.exec_driver_sql('BEGIN IMMEDIATE'))

@@ -177,6 +177,7 @@ def test_workers_claiming_queued_trials_at_once_never_take_the_same_one(tmp_path
              for i in range(workers)]
     for p in procs: p.start()
     for p in procs: p.join(timeout=300)
+    for p in procs: p.kill()  # any still claiming after 300 s: hung
     assert all(p.exitcode == 0 for p in procs)
     claimed = [int(n) for i in range(workers) for n in (tmp_path / f'{i}.txt').read_text().split()]
     assert sorted(claimed) == list(range(queued))  # each once
