@@ -509,7 +509,15 @@ def run_sweep(spec_path, out, data=None, jobs=1, storage=None, trials=None, stud
         ctx = multiprocessing.get_context('spawn')  # a fresh interpreter each: no forked torch thread pools
         procs = [ctx.Process(target=_child, args=args) for _ in range(jobs)]
         for p in procs: p.start()
-        for p in procs: p.join()
+        try:
+            for p in procs: p.join()
+        except KeyboardInterrupt:
+            # Ctrl-C reaches the workers from the terminal, a SIGTERM (kill, a scheduler) only this process: without
+            # passing it on, the workers trained on and the interpreter's exit waited for them. Each stops at the
+            # end of its batch, its checkpoint kept.
+            for p in procs: p.terminate()
+            for p in procs: p.join()
+            raise
     with storage_failures_in_one_line(AFTER_LOST_SUMMARY): table = summarize(optuna.load_study(study_name=name, storage=st), out)
     print(f'summary: {out / "summary.md"}')
     if jobs > 1 and any(p.exitcode for p in procs):

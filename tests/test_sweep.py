@@ -114,6 +114,25 @@ def test_a_killed_sweep_run_again_resumes_the_dead_trial_from_its_checkpoint(tmp
     assert 'trial 1' in res.stdout and (out / 'summary.csv').exists()
 
 
+def test_sigterm_to_a_sweep_of_two_jobs_stops_its_workers_and_keeps_their_checkpoints(tmp_path, data):
+    spec = spec_file(tmp_path, 'epochs = 400\nbs = 4\nworkers = 0\nseeds = [0, 1]\n[grid]\nlr = [0.1]\n', name='term')
+    out = tmp_path / 'sweep'
+    args = [sys.executable, '-m', 'cifar_fastai', 'sweep', str(spec), '--out', str(out), '--data', str(data), '--jobs', '2']
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoints = [out / 'trials' / str(n) / 'checkpoint.pth' for n in (0, 1)]
+    while not all(c.exists() for c in checkpoints): time.sleep(0.05)
+    workers = [int((c.parent / '.lock').read_text()) for c in checkpoints]
+    proc.send_signal(signal.SIGTERM)  # to the sweep command only, as kill or a scheduler sends it
+    try: _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail('the sweep command still runs 60 s after SIGTERM')
+    assert proc.returncode == 130 and 'Traceback' not in err, err
+    for pid in workers:  # gone, not training on
+        with pytest.raises(ProcessLookupError): os.kill(pid, 0)
+    assert all(c.exists() for c in checkpoints)  # what they finished is kept for the same command to resume
+
+
 def test_a_study_database_lost_mid_trial_stops_in_one_line_and_the_same_command_resumes(
         tmp_path, data, capsys, monkeypatch):
     # The study.db file replaced under a running sweep (as `git stash` did to a committed sweep): SQLite refuses
