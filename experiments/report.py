@@ -85,6 +85,12 @@ def spread(values):
     return '' if v.empty else f'{v.mean():.2%}' + (f' +- {v.std():.2%}' if len(v) > 1 else '')
 
 
+def spread_over(values, seeds):
+    "spread(), saying how many of the row's `seeds` it covers where that is not all of them."
+    n = pd.Series(values, dtype=float).notna().sum()
+    return spread(values) + (f' ({n} of {seeds} seeds)' if 0 < n < seeds else '')
+
+
 def recipes_table(results=RESULTS):
     "The finished runs grouped by recipe (every setting but the seed): final accuracy, mean +- std over seeds."
     groups = {}
@@ -128,7 +134,7 @@ def budget_table(config, results=RESULTS, target=None):
     for epochs, g in b.groupby('epochs'):
         rows.append({'epochs': epochs, 'seeds': f'{len(g)} ({", ".join(map(str, sorted(g.seed)))})',
                      'accuracy (mean +- std)': spread(g.accuracy),
-                     **{f'{v} TTA': spread(g[f'{v} TTA']) for v in TTA_VIEWS},
+                     **{f'{v} TTA': spread_over(g[f'{v} TTA'], len(g)) for v in TTA_VIEWS},
                      'CPU-hours per run (median)': '' if g.cpu_hours.isna().all() else f'{g.cpu_hours.median():.1f}',
                      **({f'mean >= {target:.2%}': 'yes' if g.accuracy.mean() >= target else 'no'} if target else {})})
     return markdown(pd.DataFrame(rows))
