@@ -515,9 +515,11 @@ def run_sweep(spec_path, out, data=None, jobs=1, storage=None, trials=None, stud
             # Ctrl-C reaches the workers from the terminal, a SIGTERM (kill, a scheduler) only this process: without
             # passing it on, the workers trained on and the interpreter's exit waited for them. Each stops at the
             # end of its batch, its checkpoint kept.
+            from .train import RunInterrupted
             for p in procs: p.terminate()
             for p in procs: p.join()
-            raise
+            raise RunInterrupted('interrupted; run the same sweep command again to continue (the trials under way '
+                                 'resume from their checkpoints)') from None
     with storage_failures_in_one_line(AFTER_LOST_SUMMARY): table = summarize(optuna.load_study(study_name=name, storage=st), out)
     print(f'summary: {out / "summary.md"}')
     if jobs > 1 and any(p.exitcode for p in procs):

@@ -128,6 +128,8 @@ def test_sigterm_to_a_sweep_of_two_jobs_stops_its_workers_and_keeps_their_checkp
         proc.kill()
         pytest.fail('the sweep command still runs 60 s after SIGTERM')
     assert proc.returncode == 130 and 'Traceback' not in err, err
+    assert err.strip().splitlines()[-1] == ('cifar-fastai: error: interrupted; run the same sweep command again to '
+                                            'continue (the trials under way resume from their checkpoints)'), err
     for pid in workers:  # gone, not training on
         with pytest.raises(ProcessLookupError): os.kill(pid, 0)
     assert all(c.exists() for c in checkpoints)  # what they finished is kept for the same command to resume
