@@ -120,7 +120,11 @@ def test_sigterm_to_a_sweep_of_two_jobs_stops_its_workers_and_keeps_their_checkp
     args = [sys.executable, '-m', 'cifar_fastai', 'sweep', str(spec), '--out', str(out), '--data', str(data), '--jobs', '2']
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoints = [out / 'trials' / str(n) / 'checkpoint.pth' for n in (0, 1)]
-    while not all(c.exists() for c in checkpoints): time.sleep(0.05)
+    deadline = time.monotonic() + 300
+    while not all(c.exists() for c in checkpoints):
+        assert proc.poll() is None and time.monotonic() < deadline, 'no checkpoint from both workers: ' + (
+            proc.stderr.read() if proc.poll() is not None else 'still none after 300 s')
+        time.sleep(0.05)
     workers = [int((c.parent / '.lock').read_text()) for c in checkpoints]
     proc.send_signal(signal.SIGTERM)  # to the sweep command only, as kill or a scheduler sends it
     try: _, err = proc.communicate(timeout=60)
