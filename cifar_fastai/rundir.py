@@ -105,7 +105,14 @@ class RunFolder:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
+        # A forked child (a DataLoader worker) shares the flock: it would hold the folder for a moment after this
+        # process is killed, and an immediate `fit --resume` would find it in use. The child lets go of it.
+        os.register_at_fork(after_in_child=self._let_go_in_child)
         return self
+
+    def _let_go_in_child(self):
+        if self._lock_fd is not None: os.close(self._lock_fd)
+        self._lock_fd = None
 
     def unlock(self):
         if self._lock_fd is not None: os.close(self._lock_fd)  # closing the file releases its flock
