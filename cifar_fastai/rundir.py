@@ -5,6 +5,7 @@ import fcntl
 import io
 import os
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -80,6 +81,12 @@ def _probe_write(folder):
     except OSError as e: raise CifarFastaiError(f'out: cannot write in {folder} ({e.strerror})') from None
 
 
+# A forked child (a DataLoader worker) shares its parent's flocks: it would hold the folder for a few seconds after
+# the parent is killed, and an immediate `fit --resume` would find it in use. Children let go of every held folder.
+_HELD = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [folder.unlock() for folder in list(_HELD)])
+
+
 class RunFolder:
     "A run folder, held by this process alone (an flock that dies with it) while it trains."
 
@@ -105,18 +112,13 @@ class RunFolder:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
-        # A forked child (a DataLoader worker) shares the flock: it would hold the folder for a moment after this
-        # process is killed, and an immediate `fit --resume` would find it in use. The child lets go of it.
-        os.register_at_fork(after_in_child=self._let_go_in_child)
+        _HELD.add(self)
         return self
-
-    def _let_go_in_child(self):
-        if self._lock_fd is not None: os.close(self._lock_fd)
-        self._lock_fd = None
 
     def unlock(self):
         if self._lock_fd is not None: os.close(self._lock_fd)  # closing the file releases its flock
         self._lock_fd = None
+        _HELD.discard(self)
 
     def __enter__(self): return self
     def __exit__(self, *exc): self.unlock()

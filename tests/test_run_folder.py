@@ -77,6 +77,31 @@ def test_two_fits_on_one_folder_the_second_fails_at_once_and_the_first_keeps_one
     assert history(run).epoch.tolist() == list(range(25))
 
 
+HOLD_AND_FORK = """
+import os, sys, time
+from cifar_fastai.rundir import RunFolder
+folder = RunFolder(sys.argv[1]).lock()
+if os.fork() == 0: time.sleep(60); os._exit(0)  # a DataLoader worker's part: outlives its parent for a while
+print('locked', flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_forked_child_does_not_keep_the_folder_after_its_parent_is_killed(tmp_path):
+    from cifar_fastai.rundir import RunFolder
+    run = tmp_path / 'run'
+    run.mkdir()
+    parent = subprocess.Popen([sys.executable, '-c', HOLD_AND_FORK, str(run)], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        assert parent.stdout.readline() == 'locked\n'
+        parent.kill()
+        parent.wait(timeout=10)
+        RunFolder(run).lock().unlock()  # at once, with the child still alive: no RunFolderBusy
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)  # the child, in the parent's session
+
+
 def test_log_gets_one_plain_line_per_epoch_not_progress_bar_redraws(tmp_path, data):
     res = run_cli('fit', '--data', data, *FIT, '--epochs', 3, '--out', tmp_path / 'run')
     lines = res.stdout.splitlines()
