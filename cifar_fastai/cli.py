@@ -197,22 +197,22 @@ def bench(train_size: Annotated[int, 'Training images per measured epoch'] = 512
           **kwargs):
     "Measure images/s: data pipeline, Learner.fit against a plain PyTorch loop, exported-learner inference."
     from .bench import run_bench
-    from .rundir import atomic_write
     from .data import locate_data
-    from .rundir import writable_file
+    from .rundir import atomic_write, writable_file
     from .runtime import autocast_callbacks, precision_available
-    if precision is None:
-        precisions = tuple(p for p in ('fp32', 'bf16') if precision_available(p))
-        if 'bf16' not in precisions:
-            print('cifar-fastai: bf16 not measured: this CPU has no bf16 support', file=sys.stderr)
+    if repeats < 1: raise CifarFastaiError(f'repeats must be positive, got {repeats}')
+    out = writable_file(out)  # checked now: the benchmark takes minutes
+    s = resolve_settings(dict(kwargs, train_size=train_size))
+    data = locate_data(kwargs['data'])
+    if precision is None: precisions = tuple(p for p in ('fp32', 'bf16') if precision_available(p))
     else: precisions = tuple(p.strip() for p in precision.split(','))
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad: raise CifarFastaiError(f'precision must be among {", ".join(PRECISIONS)}, got {", ".join(bad)}')
     for p in precisions: autocast_callbacks(p)  # a precision this machine lacks fails now, not after the others
-    if repeats < 1: raise CifarFastaiError(f'repeats must be positive, got {repeats}')
-    s = resolve_settings(dict(kwargs, train_size=train_size))
-    out = writable_file(out)  # checked now: the benchmark takes minutes
-    table = run_bench(locate_data(kwargs['data']), s, precisions, repeats)
+    # Said once every argument has passed, so that a bad one still fails in one line on a CPU without bf16.
+    if precision is None and 'bf16' not in precisions:
+        print('cifar-fastai: bf16 not measured: this CPU has no bf16 support', file=sys.stderr)
+    table = run_bench(data, s, precisions, repeats)
     atomic_write(out, table.to_csv(index=False).encode())
     print(f'written to {out}')
 
