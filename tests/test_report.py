@@ -143,6 +143,7 @@ def test_ablation_table_shows_runs_that_differ_from_the_recipe_in_one_lever(tmp_
     for i, (acc, flags) in enumerate([(0.80, {}), (0.82, {}), (0.84, dict(distill_weight=0.9)),  # unused: no teacher
                                       (0.78, dict(label_smoothing=0.0)),
                                       (0.75, dict(rotate_limit=15, cutout_size=8)),
+                                      (0.81, dict(precision='bf16')),
                                       (0.70, dict(label_smoothing=0.0, rotate_limit=15)),  # two levers: not shown
                                       (0.99, dict(epochs=3))]):  # another budget: not shown
         finished_run(tmp_path / 'results' / str(i), config, acc, epochs=flags.pop('epochs', 2), seed=i, **flags)
@@ -150,6 +151,7 @@ def test_ablation_table_shows_runs_that_differ_from_the_recipe_in_one_lever(tmp_
     assert '| none: recipe.toml at 2 epochs |  | 3 | 82.00% +- 2.00% |  |' in table
     assert '| label smoothing | label_smoothing 0.0 | 1 | 78.00% | -4.00% |' in table
     assert '| augmentation | cutout_size 8, rotate_limit 15 | 1 | 75.00% | -7.00% |' in table
+    assert '| precision | precision bf16 | 1 | 81.00% | -1.00% |' in table
     assert '70.00%' not in table and '99' not in table
 
 
