@@ -2,6 +2,7 @@
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -118,7 +119,9 @@ def run_bench(root, s, precisions=('fp32', 'bf16'), repeats=3):
     # 4. Inference with an exported learner, batched, on the CPU.
     with tempfile.TemporaryDirectory() as tmp:
         learn.export(Path(tmp) / 'learner.pkl')
-        infer = load_learner(Path(tmp) / 'learner.pkl', cpu=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # fastai's pickle warning: this is the file just exported here
+            infer = load_learner(Path(tmp) / 'learner.pkl', cpu=True)
     cbs = inference_callbacks(infer, 'fp32')
     test_files = learn.dls.valid.items
     rates = []
