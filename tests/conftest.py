@@ -8,6 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# Under pytest-xdist (setup.cfg) every core runs a test of its own: torch's default of one thread per core in each
+# of them would put several threads on every core, which slows them all many times over (README: Speed).
+if os.environ.get('PYTEST_XDIST_WORKER'): os.environ.setdefault('OMP_NUM_THREADS', '1')
+
 SHARED_TGZ = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'cifar10-jpg.tgz'
 CLASSES = ('cat', 'dog', 'ship')
 
