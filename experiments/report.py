@@ -173,15 +173,15 @@ def per_class_table(configs, results=RESULTS):
 
 
 # The levers a recipe is made of, for the ablation table: a run that differs from the recipe only in the settings
-# of one lever is that recipe without (or with another form of) the lever.
+# of one lever is that recipe without (or with another form of) the lever. Precision is not one: the table compares
+# each precision's runs with the recipe in the same precision (ablation_table).
 LEVERS = {'distillation': ('teacher', 'distill_weight', 'distill_temperature'),
           'label smoothing': ('label_smoothing',),
           'augmentation': ('shift_limit', 'scale_limit', 'rotate_limit', 'shift_scale_rotate_p', 'flip_p', 'brightness',
                            'contrast', 'saturation', 'hue', 'color_jitter_p', 'cutout_size', 'cutout_p', 'pad_crop',
                            'light_epochs'),
           'schedule': ('schedule', 'lr', 'step_size', 'gamma', 'momentum', 'nesterov'),
-          'weight averaging': ('ema',), 'dropout': ('dropout',), 'weight decay': ('wd',), 'batch size': ('bs',),
-          'precision': ('precision',)}
+          'weight averaging': ('ema',), 'dropout': ('dropout',), 'weight decay': ('wd',), 'batch size': ('bs',)}
 
 
 ABLATION_EPOCHS = 10  # the budget the ablation table compares at: short runs, so that every lever gets 3 seeds
@@ -189,20 +189,31 @@ ABLATION_EPOCHS = 10  # the budget the ablation table compares at: short runs, s
 
 def ablation_table(config, epochs, results=RESULTS):
     """`config`'s recipe at `epochs`, then every recipe run at `epochs` that differs from it in one lever only (any
-    run folder or sweep trial), each mean +- std over its seeds and its difference from the recipe's mean."""
+    run folder or sweep trial), each mean +- std over its seeds and its difference from the recipe's mean. A run in
+    another precision (fp32, on CPUs without bf16) that differs in one more lever is compared with the recipe in that
+    precision, so that the difference is the lever's alone."""
     base = recipe(resolve_settings({'epochs': epochs}, config))
-    groups = {}
+    groups = {}  # (precision, lever, changed settings but the precision): final accuracies
     for _, _, s, h in finished_runs(results, '**/history.csv'):
-        changed = {k: v for k, v in recipe(s).items() if v != base.get(k)}
+        changed = {k: v for k, v in recipe(s).items() if v != base.get(k) and k != 'precision'}
         lever = next((name for name, keys in LEVERS.items() if set(changed) <= set(keys)), None)
-        key = (lever if changed else '', json.dumps(changed, sort_keys=True))
-        if lever: groups.setdefault(key, []).append(h.accuracy.iloc[-1])
-    if ('', '{}') not in groups: return f'(no finished run of {Path(config).name} at {epochs} epochs yet)'
-    mean = pd.Series(groups[('', '{}')]).mean()
-    rows = [{'lever': lever or f'none: {Path(config).name} at {epochs} epochs', 'changed to': ', '.join(
-                 f'{k} {v}' for k, v in json.loads(changed).items()), 'seeds': len(acc), 'accuracy (mean +- std)': spread(acc),
-             'difference': f'{pd.Series(acc).mean() - mean:+.2%}' if lever else ''}
-            for (lever, changed), acc in sorted(groups.items())]
+        if lever or not changed:
+            groups.setdefault((s['precision'], lever if changed else '', json.dumps(changed, sort_keys=True)), []).append(
+                h.accuracy.iloc[-1])
+    def mean(precision): return pd.Series(groups.get((precision, '', '{}'), [float('nan')])).mean()
+    if (base['precision'], '', '{}') not in groups: return f'(no finished run of {Path(config).name} at {epochs} epochs yet)'
+    rows = []
+    for (precision, lever, changed), acc in sorted(groups.items(), key=lambda g: (g[0][0] != base['precision'], g[0])):
+        other_precision = precision != base['precision']
+        changed = ([f'precision {precision}'] if other_precision else []) + [
+            f'{k} {v}' for k, v in json.loads(changed).items()]
+        against = precision if lever else base['precision']
+        if not lever and other_precision: lever = 'precision'
+        if lever and against != base['precision'] and (against, '', '{}') not in groups: continue  # nothing to compare
+        rows.append({'lever': lever or f'none: {Path(config).name} at {epochs} epochs', 'changed to': ', '.join(changed),
+                     'seeds': len(acc), 'accuracy (mean +- std)': spread(acc),
+                     'difference': f'{pd.Series(acc).mean() - mean(against):+.2%}' if lever else '',
+                     'against': (f'the recipe in {against}' if against != base['precision'] else 'the recipe') if lever else ''})
     return markdown(pd.DataFrame(rows))
 
 

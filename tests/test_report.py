@@ -148,11 +148,28 @@ def test_ablation_table_shows_runs_that_differ_from_the_recipe_in_one_lever(tmp_
                                       (0.99, dict(epochs=3))]):  # another budget: not shown
         finished_run(tmp_path / 'results' / str(i), config, acc, epochs=flags.pop('epochs', 2), seed=i, **flags)
     table = ablation_table(config, 2, tmp_path / 'results')
-    assert '| none: recipe.toml at 2 epochs |  | 3 | 82.00% +- 2.00% |  |' in table
-    assert '| label smoothing | label_smoothing 0.0 | 1 | 78.00% | -4.00% |' in table
-    assert '| augmentation | cutout_size 8, rotate_limit 15 | 1 | 75.00% | -7.00% |' in table
-    assert '| precision | precision bf16 | 1 | 81.00% | -1.00% |' in table
+    assert '| none: recipe.toml at 2 epochs |  | 3 | 82.00% +- 2.00% |  |  |' in table
+    assert '| label smoothing | label_smoothing 0.0 | 1 | 78.00% | -4.00% | the recipe |' in table
+    assert '| augmentation | cutout_size 8, rotate_limit 15 | 1 | 75.00% | -7.00% | the recipe |' in table
+    assert '| precision | precision bf16 | 1 | 81.00% | -1.00% | the recipe |' in table
     assert '70.00%' not in table and '99' not in table
+
+
+def test_ablation_table_compares_a_lever_run_in_another_precision_with_the_recipe_in_that_precision(tmp_path):
+    config = tmp_path / 'recipe.toml'
+    config.write_text('precision = "bf16"\nlabel_smoothing = 0.1\n')
+    for i, (acc, flags) in enumerate([(0.80, {}), (0.78, dict(precision='fp32')), (0.76, dict(precision='fp32')),
+                                      (0.79, dict(precision='fp32', label_smoothing=0.0)),
+                                      (0.60, dict(precision='fp32', wd=0.0, label_smoothing=0.0))]):  # two levers
+        finished_run(tmp_path / 'results' / str(i), config, acc, epochs=2, seed=i, **flags)
+    table = ablation_table(config, 2, tmp_path / 'results')
+    assert '| precision | precision fp32 | 2 | 77.00% +- 1.41% | -3.00% | the recipe |' in table
+    # Against the recipe in fp32 (77%), not the recipe in bf16 (80%): the lever's own +2 points.
+    assert '| label smoothing | precision fp32, label_smoothing 0.0 | 1 | 79.00% | +2.00% | the recipe in fp32 |' in table
+    assert '60.00%' not in table
+    # Without the recipe in fp32 there is nothing to compare the fp32 lever run with: no row for it.
+    for i in (1, 2): (tmp_path / 'results' / str(i) / 'history.csv').unlink()
+    assert '79.00%' not in ablation_table(config, 2, tmp_path / 'results')
 
 
 def test_per_class_table_gives_each_class_over_each_recipes_seeds(tmp_path):
