@@ -544,6 +544,7 @@ def _child(*args):
 def report(out, storage=None):
     "The summary of the sweep in `out` again, from its study (all workers' trials), without running anything."
     from .rundir import writable_folder
+    quiet_optuna()
     out = writable_folder(out, create=False)
     try: record = json.loads((out / 'sweep.json').read_text())
     except (OSError, ValueError): raise CifarFastaiError(f'sweep: {out} holds no sweep.json') from None

@@ -231,12 +231,13 @@ def test_a_pruned_trial_is_marked_as_such_in_the_summary(tmp_path, data):
     assert row.pruned == 1 and row.n == 0
 
 
-def test_report_rewrites_the_summary_from_the_study(tmp_path, data):
+def test_report_rewrites_the_summary_from_the_study_without_optunas_experimental_warnings(tmp_path, data):
     out = tmp_path / 'sweep'
     run_cli('sweep', spec_file(tmp_path, TINY + 'seeds = [0]\n'), '--out', out, '--data', data)
     (out / 'summary.csv').unlink()
-    run_cli('sweep', out, '--report')
+    res = run_cli('sweep', out, '--report')
     assert len(pd.read_csv(out / 'summary.csv')) == 1
+    assert 'ExperimentalWarning' not in res.stderr, res.stderr  # the heartbeat storage's, opened to read the study
 
 
 @pytest.mark.filterwarnings('ignore:Choices for a categorical distribution')
