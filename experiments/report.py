@@ -200,17 +200,17 @@ def ablation_table(config, epochs, results=RESULTS):
         if lever or not changed:
             groups.setdefault((s['precision'], lever if changed else '', json.dumps(changed, sort_keys=True)), []).append(
                 h.accuracy.iloc[-1])
-    def mean(precision): return pd.Series(groups.get((precision, '', '{}'), [float('nan')])).mean()
+    def mean(precision): return pd.Series(groups[(precision, '', '{}')]).mean()
     if (base['precision'], '', '{}') not in groups: return f'(no finished run of {Path(config).name} at {epochs} epochs yet)'
     rows = []
     for (precision, lever, changed), acc in sorted(groups.items(), key=lambda g: (g[0][0] != base['precision'], g[0])):
         other_precision = precision != base['precision']
-        changed = ([f'precision {precision}'] if other_precision else []) + [
+        shown = ([f'precision {precision}'] if other_precision else []) + [
             f'{k} {v}' for k, v in json.loads(changed).items()]
         against = precision if lever else base['precision']
         if not lever and other_precision: lever = 'precision'
         if lever and against != base['precision'] and (against, '', '{}') not in groups: continue  # nothing to compare
-        rows.append({'lever': lever or f'none: {Path(config).name} at {epochs} epochs', 'changed to': ', '.join(changed),
+        rows.append({'lever': lever or f'none: {Path(config).name} at {epochs} epochs', 'changed to': ', '.join(shown),
                      'seeds': len(acc), 'accuracy (mean +- std)': spread(acc),
                      'difference': f'{pd.Series(acc).mean() - mean(against):+.2%}' if lever else '',
                      'against': (f'the recipe in {against}' if against != base['precision'] else 'the recipe') if lever else ''})
