@@ -181,6 +181,7 @@ POSTGRES_CONNECT = dict(connect_timeout=5, keepalives=1, keepalives_idle=10, kee
 def make_storage(url):
     "Optuna's RDB storage with heartbeats and retries of dead workers' trials; one line if it cannot be reached."
     from sqlalchemy.exc import SQLAlchemyError
+    quiet_optuna()  # heartbeats and retries are experimental in Optuna: every process that opens the study says so
     parsed = parse_url(url)
     connect = {'sqlite': {'timeout': 60}, 'postgresql': POSTGRES_CONNECT}.get(parsed.get_backend_name(),
                                                                               {'connect_timeout': 5})
@@ -349,7 +350,6 @@ def worker(spec_path, out, storage_url_, name, data, threads, trials=None):
     "Take queued trials until none is left and none is running (a running one may die and be queued again)."
     import torch
     torch.set_num_threads(threads)
-    quiet_optuna()
     spec = read_spec(spec_path)
     storage = make_storage(storage_url_)
     with storage_failures_in_one_line(AFTER_LOST_TRIAL):
@@ -544,7 +544,6 @@ def _child(*args):
 def report(out, storage=None):
     "The summary of the sweep in `out` again, from its study (all workers' trials), without running anything."
     from .rundir import writable_folder
-    quiet_optuna()
     out = writable_folder(out, create=False)
     try: record = json.loads((out / 'sweep.json').read_text())
     except (OSError, ValueError): raise CifarFastaiError(f'sweep: {out} holds no sweep.json') from None
