@@ -95,7 +95,8 @@ def random_states_kept():
 
 
 class WeightAveraging(Callback):
-    "An exponential moving average of the weights (torch's AveragedModel): validated every epoch, kept at the end."
+    "The weights averaged (torch's AveragedModel): an EMA of every step, or SWA's mean of the last epochs' ends."
+    # The average is what is validated (once it exists: SWA's first epoch on), exported and shipped.
     # Batch-norm statistics are not averaged with the weights (use_buffers=False): statistics averaged over networks
     # that differ describe none of them, and cost best.toml's 10-epoch average 3.3 points
     # (experiments/results/ema-batchnorm/ema-batchnorm.csv). They are measured afresh for the averaged weights before
@@ -103,10 +104,11 @@ class WeightAveraging(Callback):
     # random stream, and with it the training, is the same as without the average.
     order = 65  # before ResumeFromCheckpoint (70), which restores the average
 
-    def __init__(self, decay): self.decay = decay
+    def __init__(self, decay=0.0, swa_epochs=0): self.decay, self.swa_epochs = decay, swa_epochs
 
     def before_fit(self):
-        self.average = AveragedModel(bare_model(self.model), multi_avg_fn=get_ema_multi_avg_fn(self.decay))
+        ema = dict(multi_avg_fn=get_ema_multi_avg_fn(self.decay)) if self.decay else {}  # else AveragedModel's mean
+        self.average = AveragedModel(bare_model(self.model), **ema)
         picked = batchnorm_sample(self.dls.train_ds.items)
         with random_states_kept():  # a fastai DataLoader draws its own seed
             # Every process of a distributed run measures all of them, so all hold the same statistics. The inner
@@ -116,16 +118,24 @@ class WeightAveraging(Callback):
             self.bn_images = inner_loader(self.dls.valid).new(test_set(self.dls.valid_ds, picked),
                                                              drop_last=len(picked) >= self.dls.valid.bs)
 
-    def after_step(self): self.average.update_parameters(bare_model(self.model))
+    def after_step(self):
+        if self.decay: self.average.update_parameters(bare_model(self.model))
 
     def before_validate(self):
+        self.trained = None
+        if self.swa_epochs and self.epoch >= self.n_epoch - self.swa_epochs:
+            self.average.update_parameters(bare_model(self.model))  # SWA: once an epoch, at its end
+        if not self.average.n_averaged: return  # SWA before its epochs: the trained weights are validated
         self.trained = {k: v.clone() for k, v in bare_model(self.model).state_dict().items()}
         with random_states_kept(): measure_batchnorm(self.average.module, self.bn_images)  # iterating draws a seed
         bare_model(self.model).load_state_dict(self.average.module.state_dict())
 
-    def after_validate(self): bare_model(self.model).load_state_dict(self.trained)  # training goes on from its own weights
+    def after_validate(self):  # training goes on from its own weights
+        if self.trained is not None: bare_model(self.model).load_state_dict(self.trained)
+
     # Exported and shipped: the average of the last validation, its statistics measured then (no step since).
-    def after_fit(self): bare_model(self.model).load_state_dict(self.average.module.state_dict())
+    def after_fit(self):
+        if self.average.n_averaged: bare_model(self.model).load_state_dict(self.average.module.state_dict())
 
     def checkpoint_state(self): return self.average.state_dict()
     def load_checkpoint_state(self, state): self.average.load_state_dict(state)

@@ -54,6 +54,10 @@ def _settings(
         nesterov: Annotated[bool_arg, 'Nesterov momentum: true or false ' + _d('nesterov')] = None,
         ema: Annotated[float, 'Decay of an EMA of the weights, which is validated, exported and shipped; 0: none '
                               + _d('ema')] = None,
+        swa_epochs: Annotated[int, 'SWA: one-cycle over the other epochs down to --swa-lr, then N epochs at it, the '
+                                   'weights at their ends averaged equally, validated, exported and shipped; 0: none '
+                                   + _d('swa_epochs')] = None,
+        swa_lr: Annotated[float, 'SWA: the learning rate held over its epochs ' + _d('swa_lr')] = None,
         pad_crop: Annotated[int, 'Reflect-pad by this many pixels, then crop 32x32 at random; 0: none '
                                  + _d('pad_crop')] = None,
         light_epochs: Annotated[int, 'Train the last N epochs without colour jitter and Cutout ' + _d('light_epochs')] = None,
@@ -95,10 +99,10 @@ def fit(out: Annotated[str, 'Run folder for config.json, history.csv, curves.png
         with process_group(): fit_run(s, out or f'runs/{time.strftime("%Y%m%d-%H%M%S")}', data=kwargs['data'], force=force)
 
 
-# The settings of a whole training run (its length, schedule, light epochs, teachers): lr-find and bench run none
+# The settings of a whole training run (its length, schedule, light epochs, teachers, SWA): lr-find and bench run none
 # of it, so they offer no such flags rather than accept and ignore them.
 TRAINING_ONLY = ['epochs', 'lr', 'schedule', 'step_size', 'gamma', 'light_epochs', 'teacher', 'distill_weight',
-                 'distill_temperature']
+                 'distill_temperature', 'swa_epochs', 'swa_lr']
 
 
 @delegates(_settings, but=TRAINING_ONLY)

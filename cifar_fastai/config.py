@@ -37,6 +37,9 @@ DEFAULTS = dict(
     nesterov=False,                       # Nesterov momentum
     ema=0.0,                              # decay of an exponential moving average of the weights (0: none); the
                                           # average is what is validated each epoch, exported and shipped
+    swa_epochs=0,                         # SWA: one-cycle over the other epochs, down to swa_lr instead of ~0, then
+    swa_lr=0.01,                          # this many epochs at swa_lr, the weights at their ends averaged equally; the
+                                          # average is validated from the first, exported and shipped (0: none)
     pad_crop=0,                           # reflect-pad by this many pixels and crop 32x32 at random (0: none)
     light_epochs=0,                       # the last this many epochs without colour jitter and Cutout
     teacher=[],                           # distillation: trained models (model.safetensors) whose averaged soft
@@ -50,17 +53,19 @@ DEFAULTS = dict(
 # The settings' version, recorded in every run's config.json and checkpoint. A setting added later goes into
 # ADDED_SETTINGS under the version that introduced it, with the value that reproduces what runs did before it
 # existed: an older run then resumes exactly as it started (its config lacks the setting).
-SETTINGS_VERSION = 5
+SETTINGS_VERSION = 6
 ADDED_SETTINGS = {2: dict(nesterov=False, ema=0.0, pad_crop=0), 3: dict(sync_bn=True),
-                  4: dict(teacher=[], distill_weight=0.5, distill_temperature=4.0), 5: dict(light_epochs=0)}  # version -> {setting: value older runs behaved as}
+                  4: dict(teacher=[], distill_weight=0.5, distill_temperature=4.0), 5: dict(light_epochs=0),
+                  6: dict(swa_epochs=0, swa_lr=0.01)}  # version -> {setting: value older runs behaved as}
 
-_POSITIVE = ('epochs', 'bs', 'lr', 'step_size', 'cutout_size', 'distill_temperature')
+_POSITIVE = ('epochs', 'bs', 'lr', 'step_size', 'cutout_size', 'distill_temperature', 'swa_lr')
 _NON_NEGATIVE = ('wd', 'momentum', 'dropout', 'label_smoothing', 'shift_limit', 'scale_limit', 'rotate_limit',
-                 'brightness', 'contrast', 'saturation', 'hue', 'ema', 'pad_crop', 'light_epochs')
+                 'brightness', 'contrast', 'saturation', 'hue', 'ema', 'pad_crop', 'light_epochs',
+                 'swa_epochs')
 _PROBABILITIES = ('dropout', 'label_smoothing', 'shift_scale_rotate_p', 'flip_p', 'color_jitter_p', 'cutout_p',
                   'gamma', 'distill_weight')
 _INTS = ('epochs', 'bs', 'step_size', 'seed', 'workers', 'train_size', 'valid_size', 'cutout_size', 'pad_crop',
-         'light_epochs')
+         'light_epochs', 'swa_epochs')
 
 
 def read_config(path):
@@ -124,6 +129,11 @@ def check_settings(s, source=''):
     for k in ('nesterov', 'sync_bn'):
         if not isinstance(s[k], bool): bad(k, 'true or false')
     if s['pad_crop'] > 16: bad('pad_crop', 'at most 16 pixels')
+    if s['swa_epochs']:
+        if s['swa_epochs'] >= s['epochs']:
+            bad('swa_epochs', f'fewer than the {s["epochs"]} epochs of the run (one-cycle takes the rest)')
+        if s['schedule'] != 'one-cycle': bad('swa_epochs', 'used with schedule one-cycle (SWA continues it), or 0')
+        if s['ema']: bad('swa_epochs', '0 with ema (one average of the weights at a time)')
     if s['light_epochs'] > s['epochs']: bad('light_epochs', f'at most the {s["epochs"]} epochs of the run')
     if not (isinstance(s['teacher'], list) and all(isinstance(p, str) and p for p in s['teacher'])):
         bad('teacher', 'a list of model file paths')

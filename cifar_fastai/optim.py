@@ -1,10 +1,10 @@
 "fastai's SGD, with the Nesterov step it lacks; the learning-rate schedules beside fastai's one-cycle."
 from functools import partial
 
-from fastai.callback.schedule import ParamScheduler, SchedLin, combine_scheds
+from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, SchedNo, combine_scheds
 from fastai.optimizer import Optimizer, SGD, average_grad, l2_reg
 
-__all__ = ['nesterov_step', 'nesterov_sgd', 'sgd', 'linear_to_zero']
+__all__ = ['nesterov_step', 'nesterov_sgd', 'sgd', 'linear_to_zero', 'one_cycle_into_swa']
 
 
 def nesterov_step(p, lr, mom, grad_avg, **kwargs):
@@ -28,3 +28,16 @@ def linear_to_zero(lr, warmup=0.25, div=25.):
     # As fit_one_cycle's warm-up (its pct_start and div), but a straight decay that ends at 0 (airbench's shape)
     # where one-cycle's cosine ends at lr/div/1e5; fastai has the pieces (SchedLin), not this schedule.
     return ParamScheduler({'lr': combine_scheds([warmup, 1 - warmup], [SchedLin(lr / div, lr), SchedLin(lr, 0.)])})
+
+
+def one_cycle_into_swa(lr, moms, epochs, swa_epochs, swa_lr, div=25., pct_start=0.25):
+    "fit_one_cycle's schedule over the first epochs, its cosine down to `swa_lr` (not ~0), then `swa_lr` held for SWA."
+    # torch's SWALR holds the rate for SWA, but is stepped by hand each epoch; fastai's one-cycle has no place to
+    # hold it. fastai has the pieces (combine_scheds, SchedCos, SchedNo), not this schedule.
+    cycle = (epochs - swa_epochs) / epochs
+    up, down = pct_start * cycle, (1 - pct_start) * cycle
+    pcts = [up, down, 1 - (up + down)]  # combine_scheds asks for a sum of exactly 1
+    return ParamScheduler({
+        'lr': combine_scheds(pcts, [SchedCos(lr / div, lr), SchedCos(lr, swa_lr), SchedNo(swa_lr, swa_lr)]),
+        'mom': combine_scheds(pcts, [SchedCos(moms[0], moms[1]), SchedCos(moms[1], moms[2]),
+                                     SchedNo(moms[2], moms[2])])})

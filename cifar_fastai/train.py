@@ -22,7 +22,7 @@ from .distributed import (RankFailed, check_batch_split, distributed_callbacks, 
                           on_main, peer_error_summary, rank, training_ctx, world_size)
 from .errors import CifarFastaiError
 from .model import DilatedNet
-from .optim import linear_to_zero, sgd
+from .optim import linear_to_zero, one_cycle_into_swa, sgd
 from .rundir import RunFolder, RunWriteError, writable_folder
 from .runtime import channels_last_helps, default_workers, precision_callbacks, quiet_when_logged, silence, versions
 
@@ -208,7 +208,7 @@ def _fit(s, root, run, info, ckpt, precision_cbs, cbs=(), quiet=False):
            *cbs]
     if s['light_epochs']: cbs.append(LightFinish(aug, s['light_epochs']))
     if distill: cbs.append(distill)
-    if s['ema']: cbs.append(WeightAveraging(s['ema']))
+    if s['ema'] or s['swa_epochs']: cbs.append(WeightAveraging(s['ema'], s['swa_epochs']))
     if ckpt: cbs.append(ResumeFromCheckpoint(ckpt, aug))
     sigterm = signal.getsignal(signal.SIGTERM)  # StopOnSigterm replaces it for the fit; back however it ends
     try:
@@ -218,6 +218,9 @@ def _fit(s, root, run, info, ckpt, precision_cbs, cbs=(), quiet=False):
                 learn.model.load_state_dict(WeightAveraging.averaged_weights(averaged) if averaged else ckpt['model'])
             elif s['schedule'] == 'step':
                 learn.fit(s['epochs'], s['lr'], cbs=cbs + [StepLRScheduler(s['step_size'], s['gamma'])])
+            elif s['swa_epochs']:
+                swa = one_cycle_into_swa(s['lr'], learn.moms, s['epochs'], s['swa_epochs'], s['swa_lr'])
+                learn.fit(s['epochs'], s['lr'], cbs=cbs + [swa])
             elif s['schedule'] == 'linear':
                 learn.fit(s['epochs'], s['lr'], cbs=cbs + [linear_to_zero(s['lr'])])
             else:

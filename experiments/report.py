@@ -181,7 +181,8 @@ LEVERS = {'distillation': ('teacher', 'distill_weight', 'distill_temperature'),
                            'contrast', 'saturation', 'hue', 'color_jitter_p', 'cutout_size', 'cutout_p', 'pad_crop',
                            'light_epochs'),
           'schedule': ('schedule', 'lr', 'step_size', 'gamma', 'momentum', 'nesterov'),
-          'weight averaging': ('ema',), 'dropout': ('dropout',), 'weight decay': ('wd',), 'batch size': ('bs',)}
+          'weight averaging': ('ema', 'swa_epochs', 'swa_lr'), 'dropout': ('dropout',), 'weight decay': ('wd',),
+          'batch size': ('bs',)}
 
 
 ABLATION_EPOCHS = 10  # the budget the ablation table compares at: short runs, so that every lever gets 3 seeds

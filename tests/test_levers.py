@@ -13,6 +13,7 @@ from cifar_fastai.artifacts import load_for_inference
 from cifar_fastai.augment import AlbumentationsTransform, seed_augmentations
 from cifar_fastai.callbacks import batchnorm_sample
 from cifar_fastai.config import DEFAULTS, resolve_settings
+from cifar_fastai.errors import CifarFastaiError
 from cifar_fastai.optim import nesterov_sgd
 from cifar_fastai.train import RunInterrupted, fit_run, resume_run
 from conftest import make_cifar, stopped_run
@@ -176,3 +177,60 @@ def test_linear_schedule_warms_up_as_one_cycle_then_falls_straight_to_zero(tmp_p
     rises, falls = np.diff(lrs[:top + 1]), np.diff(lrs[top:])
     assert np.allclose(rises, rises[0]) and rises[0] > 0 and np.allclose(falls, falls[0]) and falls[0] < 0
     assert lrs[-1] == pytest.approx(-falls[0], rel=1e-6)  # one step above 0 at the last batch: 0 where training ends
+
+
+class EpochEnds(Callback):
+    "The trained weights at the end of each epoch's training, before anything is validated."
+    order = 100
+    def before_fit(self): self.weights = []
+    def after_train(self): self.weights.append({k: v.clone() for k, v in self.model.state_dict().items()})
+
+
+def test_swa_holds_swa_lr_over_its_epochs_after_one_cycle_down_to_it(tmp_path, data):
+    s = resolve_settings({'epochs': 4, 'bs': 2, 'workers': 0, 'lr': 0.2, 'schedule': 'one-cycle', 'swa_epochs': 2,
+                          'swa_lr': 0.05})
+    learn = fit_run(s, tmp_path / 'run', data=str(data))
+    lrs, per_epoch = np.array(learn.recorder.lrs), len(learn.dls.train)
+    cycle, swa = lrs[:2 * per_epoch], lrs[2 * per_epoch:]
+    top = int(np.argmax(cycle))
+    assert abs(top - len(cycle) / 4) <= 1 and cycle[0] == pytest.approx(0.2 / 25) and cycle[top] == pytest.approx(0.2, rel=0.02)
+    assert np.all(np.diff(cycle[top:]) < 0) and cycle[-1] == pytest.approx(0.05, rel=0.05)  # down to swa_lr, not ~0
+    assert np.allclose(swa, 0.05)
+
+
+def test_swa_exports_the_equal_mean_of_its_epochs_trained_weights_and_validates_it_from_its_first(tmp_path, data):
+    s = resolve_settings({'epochs': 4, 'bs': 4, 'workers': 0, 'lr': 0.1, 'schedule': 'one-cycle', 'swa_epochs': 3,
+                          'dropout': 0.0})
+    ends = EpochEnds()
+    learn = fit_run(s, tmp_path / 'run', data=str(data), cbs=[ends])
+    exported = load_file(str(tmp_path / 'run' / 'model.safetensors'))
+    weights = [k for k, v in exported.items() if k.endswith(('weight', 'bias'))]
+    mean = {k: torch.stack([w[k] for w in ends.weights[1:]]).mean(0) for k in weights}
+    assert weights and all(torch.allclose(exported[k], mean[k], atol=1e-6) for k in weights)
+    assert not all(torch.allclose(exported[k], ends.weights[-1][k], atol=1e-6) for k in weights)
+    history = pd.read_csv(tmp_path / 'run' / 'history.csv')
+    loss, acc = learn.validate()  # the exported average, as history's last row scored it
+    assert (history.valid_loss.iloc[-1], history.accuracy.iloc[-1]) == (pytest.approx(loss, rel=1e-5), pytest.approx(acc))
+    learn.model.load_state_dict(ends.weights[0])  # the first epoch, before SWA: its own weights were validated
+    assert learn.validate()[0] == pytest.approx(history.valid_loss.iloc[0], rel=1e-5)
+
+
+def test_an_swa_run_stopped_inside_its_epochs_resumes_to_the_same_average(tmp_path, data):
+    s = resolve_settings({'epochs': 5, 'bs': 4, 'workers': 0, 'lr': 0.1, 'schedule': 'one-cycle', 'swa_epochs': 3})
+    fit_run(s, tmp_path / 'whole', data=str(data))
+    with pytest.raises(RunInterrupted): fit_run(s, tmp_path / 'run', data=str(data), cbs=[StopAfter(3)])
+    averaged = torch.load(tmp_path / 'run' / 'checkpoint.pth', weights_only=False)['callbacks']['WeightAveraging']
+    assert averaged['n_averaged'] == 1  # the first of the three epochs, kept in the checkpoint
+    resume_run(tmp_path / 'run')
+    a, b = (load_file(str(tmp_path / r / 'model.safetensors')) for r in ('run', 'whole'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert pd.read_csv(tmp_path / 'run' / 'history.csv').drop(columns='seconds').equals(
+        pd.read_csv(tmp_path / 'whole' / 'history.csv').drop(columns='seconds'))
+
+
+def test_swa_settings_that_cannot_work_are_refused():
+    for bad, match in (({'epochs': 3, 'swa_epochs': 3, 'schedule': 'one-cycle'}, 'swa-epochs must be fewer than the 3'),
+                       ({'swa_epochs': 2}, 'swa-epochs must be used with schedule one-cycle'),
+                       ({'swa_epochs': 2, 'schedule': 'one-cycle', 'ema': 0.99}, 'swa-epochs must be 0 with ema'),
+                       ({'swa_lr': 0.0}, 'swa-lr must be positive')):
+        with pytest.raises(CifarFastaiError, match=match): resolve_settings(bad)
