@@ -37,9 +37,9 @@ DEFAULTS = dict(
     nesterov=False,                       # Nesterov momentum
     ema=0.0,                              # decay of an exponential moving average of the weights (0: none); the
                                           # average is what is validated each epoch, exported and shipped
-    swa_epochs=0,                         # SWA: one-cycle over the other epochs, down to swa_lr instead of ~0, then
-    swa_lr=0.01,                          # this many epochs at swa_lr, the weights at their ends averaged equally; the
-                                          # average is validated from the first, exported and shipped (0: none)
+    swa_epochs=0,                         # SWA (0: none): one-cycle over the other epochs, down to swa_lr instead
+    swa_lr=0.01,                          # of ~0, then this many epochs at swa_lr, the weights at their ends averaged
+                                          # equally; the average is validated from the first, exported and shipped
     pad_crop=0,                           # reflect-pad by this many pixels and crop 32x32 at random (0: none)
     light_epochs=0,                       # the last this many epochs without colour jitter and Cutout
     teacher=[],                           # distillation: trained models (model.safetensors) whose averaged soft
@@ -129,11 +129,6 @@ def check_settings(s, source=''):
     for k in ('nesterov', 'sync_bn'):
         if not isinstance(s[k], bool): bad(k, 'true or false')
     if s['pad_crop'] > 16: bad('pad_crop', 'at most 16 pixels')
-    if s['swa_epochs']:
-        if s['swa_epochs'] >= s['epochs']:
-            bad('swa_epochs', f'fewer than the {s["epochs"]} epochs of the run (one-cycle takes the rest)')
-        if s['schedule'] != 'one-cycle': bad('swa_epochs', 'used with schedule one-cycle (SWA continues it), or 0')
-        if s['ema']: bad('swa_epochs', '0 with ema (one average of the weights at a time)')
     if s['light_epochs'] > s['epochs']: bad('light_epochs', f'at most the {s["epochs"]} epochs of the run')
     if not (isinstance(s['teacher'], list) and all(isinstance(p, str) and p for p in s['teacher'])):
         bad('teacher', 'a list of model file paths')
@@ -141,3 +136,9 @@ def check_settings(s, source=''):
         if s[k] is not None and s[k] < (0 if k == 'workers' else 1): bad(k, 'positive' if k != 'workers' else '0 or more')
     if s['schedule'] not in SCHEDULES: bad('schedule', f'one of {", ".join(SCHEDULES)}')
     if s['precision'] not in PRECISIONS: bad('precision', f'one of {", ".join(PRECISIONS)}')
+    if s['swa_epochs']:
+        if s['swa_epochs'] >= s['epochs']:
+            bad('swa_epochs', f'fewer than the {s["epochs"]} epochs of the run (one-cycle takes the rest)')
+        if s['schedule'] != 'one-cycle': bad('swa_epochs', 'used with schedule one-cycle (SWA continues it), or 0')
+        if s['swa_lr'] >= s['lr']: bad('swa_lr', f'below the peak lr {s["lr"]} (one-cycle comes down to it)')
+        if s['ema']: bad('swa_epochs', '0 with ema (one average of the weights at a time)')

@@ -1,7 +1,7 @@
 "fastai's SGD, with the Nesterov step it lacks; the learning-rate schedules beside fastai's one-cycle."
 from functools import partial
 
-from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, SchedNo, combine_scheds
+from fastai.callback.schedule import ParamScheduler, SchedLin, SchedNo, combine_scheds, combined_cos
 from fastai.optimizer import Optimizer, SGD, average_grad, l2_reg
 
 __all__ = ['nesterov_step', 'nesterov_sgd', 'sgd', 'linear_to_zero', 'one_cycle_into_swa']
@@ -33,11 +33,11 @@ def linear_to_zero(lr, warmup=0.25, div=25.):
 def one_cycle_into_swa(lr, moms, epochs, swa_epochs, swa_lr, div=25., pct_start=0.25):
     "fit_one_cycle's schedule over the first epochs, its cosine down to `swa_lr` (not ~0), then `swa_lr` held for SWA."
     # torch's SWALR holds the rate for SWA, but is stepped by hand each epoch; fastai's one-cycle has no place to
-    # hold it. fastai has the pieces (combine_scheds, SchedCos, SchedNo), not this schedule.
-    cycle = (epochs - swa_epochs) / epochs
-    up, down = pct_start * cycle, (1 - pct_start) * cycle
-    pcts = [up, down, 1 - (up + down)]  # combine_scheds asks for a sum of exactly 1
+    # hold it. fastai has the pieces (combined_cos, combine_scheds, SchedNo), not this schedule.
+    # combine_scheds asserts a sum of exactly 1, and Python 3.12's sum() adds floats with compensation: a cycle
+    # rounded to a multiple of 2**-20 (a millionth of the run) makes 1 - cycle exact, so any sum of the two is 1.
+    cycle = round((epochs - swa_epochs) / epochs * 2 ** 20) / 2 ** 20
+    held = lambda v: SchedNo(v, v)
     return ParamScheduler({
-        'lr': combine_scheds(pcts, [SchedCos(lr / div, lr), SchedCos(lr, swa_lr), SchedNo(swa_lr, swa_lr)]),
-        'mom': combine_scheds(pcts, [SchedCos(moms[0], moms[1]), SchedCos(moms[1], moms[2]),
-                                     SchedNo(moms[2], moms[2])])})
+        'lr': combine_scheds([cycle, 1 - cycle], [combined_cos(pct_start, lr / div, lr, swa_lr), held(swa_lr)]),
+        'mom': combine_scheds([cycle, 1 - cycle], [combined_cos(pct_start, *moms), held(moms[-1])])})

@@ -67,8 +67,9 @@ def finished_runs(results=RESULTS, pattern='*/history.csv'):
 
 def recipe(settings, ignore=()):
     """The settings that make a recipe: all but the seed and the loader's workers (and `ignore`); without teachers,
-    the distillation weight and temperature are unused and left out too."""
-    unused = () if settings['teacher'] else ('distill_weight', 'distill_temperature')
+    the distillation weight and temperature are unused and left out too, as is SWA's lr without SWA."""
+    unused = (() if settings['teacher'] else ('distill_weight', 'distill_temperature')) + \
+             (() if settings['swa_epochs'] else ('swa_lr',))
     return {k: v for k, v in settings.items() if k not in ('seed', 'workers', *unused, *ignore)}
 
 

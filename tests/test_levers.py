@@ -196,6 +196,9 @@ def test_swa_holds_swa_lr_over_its_epochs_after_one_cycle_down_to_it(tmp_path, d
     assert abs(top - len(cycle) / 4) <= 1 and cycle[0] == pytest.approx(0.2 / 25) and cycle[top] == pytest.approx(0.2, rel=0.02)
     assert np.all(np.diff(cycle[top:]) < 0) and cycle[-1] == pytest.approx(0.05, rel=0.05)  # down to swa_lr, not ~0
     assert np.allclose(swa, 0.05)
+    moms = np.array(learn.recorder.hps['mom'])  # one-cycle's momentum, 0.95 down to 0.85 and back, then held
+    assert moms[0] == pytest.approx(0.95) and moms[top] == pytest.approx(0.85, abs=0.005)
+    assert moms[2 * per_epoch - 1] == pytest.approx(0.95, abs=0.005) and np.allclose(moms[2 * per_epoch:], 0.95)
 
 
 def test_swa_exports_the_equal_mean_of_its_epochs_trained_weights_and_validates_it_from_its_first(tmp_path, data):
@@ -213,6 +216,9 @@ def test_swa_exports_the_equal_mean_of_its_epochs_trained_weights_and_validates_
     assert (history.valid_loss.iloc[-1], history.accuracy.iloc[-1]) == (pytest.approx(loss, rel=1e-5), pytest.approx(acc))
     learn.model.load_state_dict(ends.weights[0])  # the first epoch, before SWA: its own weights were validated
     assert learn.validate()[0] == pytest.approx(history.valid_loss.iloc[0], rel=1e-5)
+    learn.model.load_state_dict(ends.weights[1])  # SWA's first epoch: the average of one, statistics measured for it
+    update_bn(learn.dls.test_dl(batchnorm_sample(learn.dls.train_ds.items), drop_last=True), learn.model)
+    assert learn.validate()[0] == pytest.approx(history.valid_loss.iloc[1], rel=1e-4)
 
 
 def test_an_swa_run_stopped_inside_its_epochs_resumes_to_the_same_average(tmp_path, data):
@@ -232,5 +238,6 @@ def test_swa_settings_that_cannot_work_are_refused():
     for bad, match in (({'epochs': 3, 'swa_epochs': 3, 'schedule': 'one-cycle'}, 'swa-epochs must be fewer than the 3'),
                        ({'swa_epochs': 2}, 'swa-epochs must be used with schedule one-cycle'),
                        ({'swa_epochs': 2, 'schedule': 'one-cycle', 'ema': 0.99}, 'swa-epochs must be 0 with ema'),
+                       ({'swa_epochs': 2, 'schedule': 'one-cycle', 'lr': 0.1, 'swa_lr': 0.1}, 'swa-lr must be below'),
                        ({'swa_lr': 0.0}, 'swa-lr must be positive')):
         with pytest.raises(CifarFastaiError, match=match): resolve_settings(bad)

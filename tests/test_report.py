@@ -11,8 +11,8 @@ from cifar_fastai import sweep
 from cifar_fastai.config import resolve_settings
 
 sys.path.insert(0, str(Path(__file__).parents[1] / 'experiments'))
-from report import (ablation_table, budget_table, command, committed, per_class_table, recipes_table, results_table,  # noqa: E402
-                    sweeps_table, tta_table)
+from report import (ablation_table, budget_table, command, committed, per_class_table, recipe, recipes_table,  # noqa: E402
+                    results_table, sweeps_table, tta_table)
 
 
 def test_results_table_comes_from_the_run_files(tmp_path):
@@ -182,3 +182,10 @@ def test_per_class_table_gives_each_class_over_each_recipes_seeds(tmp_path):
     table = per_class_table([spec, best], tmp_path / 'r')
     assert table.splitlines()[0] == '| class | spec (2 seeds) | best (1 seed) |'
     assert '| cat | 55.00% +- 7.07% | 80.00% |' in table and '| dog | 70.00% +- 0.00% | 90.00% |' in table
+
+
+def test_swas_learning_rate_without_swa_does_not_make_another_recipe():
+    plain = resolve_settings({})
+    assert recipe({**plain, 'swa_lr': 0.02}) == recipe(plain)  # unused: the same recipe, as an unused distill weight
+    swa = resolve_settings({'schedule': 'one-cycle', 'swa_epochs': 2})
+    assert recipe({**swa, 'swa_lr': 0.02}) != recipe(swa)
