@@ -451,8 +451,11 @@ def summarize(study, out):
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
     quiet_optuna()
-    for name, plot in (('optimization_history', ovm.plot_optimization_history),
-                       ('param_importances', ovm.plot_param_importances)):
+    plots = [('optimization_history', ovm.plot_optimization_history)]
+    # Optuna's importances need two finished trials; with fewer it warns and draws every parameter as equal.
+    if len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))) > 1:
+        plots.append(('param_importances', ovm.plot_param_importances))
+    for name, plot in plots:
         try:
             ax = plot(study)
             atomic_write(out / f'{name}.png', png_bytes(ax.figure))

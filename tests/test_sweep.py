@@ -71,7 +71,8 @@ def test_grid_of_two_by_two_over_two_seeds_with_two_jobs_runs_eight_trials_once(
     assert merged.accuracy_mean.tolist() == pytest.approx(merged['mean'].tolist())
     assert merged.accuracy_std.tolist() == pytest.approx(merged['std'].tolist())
     assert summary.accuracy_mean.is_monotonic_decreasing
-    for png in ('sweep.png', 'optimization_history.png'): assert (out / png).stat().st_size > 0
+    for png in ('sweep.png', 'optimization_history.png', 'param_importances.png'):
+        assert (out / png).stat().st_size > 0
     assert '| lr | label_smoothing | n | accuracy_mean |' in (out / 'summary.md').read_text()
 
 
@@ -238,6 +239,22 @@ def test_report_rewrites_the_summary_from_the_study_without_optunas_experimental
     res = run_cli('sweep', out, '--report')
     assert len(pd.read_csv(out / 'summary.csv')) == 1
     assert 'ExperimentalWarning' not in res.stderr, res.stderr  # the heartbeat storage's, opened to read the study
+
+
+@pytest.mark.filterwarnings('error')
+def test_a_study_with_one_finished_trial_is_summarized_without_an_importance_plot(tmp_path):
+    # Optuna ranks importances only over two finished trials or more; for one it warns and draws them all equal.
+    space = {'lr': optuna.distributions.CategoricalDistribution([0.1]),
+             'seed': optuna.distributions.CategoricalDistribution([0, 1])}
+    study = optuna.create_study(study_name='one', direction='maximize')
+    study.add_trial(optuna.trial.create_trial(params={'lr': 0.1, 'seed': 0}, distributions=space, value=0.5,
+                                              user_attrs={'point': 0}))
+    study.add_trial(optuna.trial.create_trial(params={'lr': 0.1, 'seed': 1}, distributions=space,
+                                              state=optuna.trial.TrialState.RUNNING, user_attrs={'point': 0}))
+    sweep.summarize(study, tmp_path)
+    assert pd.read_csv(tmp_path / 'summary.csv').n.tolist() == [1]
+    assert (tmp_path / 'optimization_history.png').stat().st_size > 0
+    assert not (tmp_path / 'param_importances.png').exists()
 
 
 @pytest.mark.filterwarnings('ignore:Choices for a categorical distribution')
