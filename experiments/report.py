@@ -112,28 +112,30 @@ def cpu_hours(cfg, h):
 
 
 def budgets(config, results=RESULTS):
-    "One row per finished run of `config`'s recipe at any number of epochs: accuracy, TTA accuracies, CPU-hours."
-    return pd.DataFrame([{'run': str(run.relative_to(results)), 'epochs': s['epochs'], 'seed': s['seed'],
-                          'accuracy': h.accuracy.iloc[-1], **{f'{v} TTA': tta_value(run, v) for v in TTA_VIEWS},
+    """One row per finished run of `config`'s recipe at any number of epochs and in any precision (CPUs without bf16
+    run it in fp32): accuracy, TTA accuracies, CPU-hours."""
+    return pd.DataFrame([{'run': str(run.relative_to(results)), 'epochs': s['epochs'], 'precision': s['precision'],
+                          'seed': s['seed'], 'accuracy': h.accuracy.iloc[-1],
+                          **{f'{v} TTA': tta_value(run, v) for v in TTA_VIEWS},
                           'cpu_hours': cpu_hours(cfg, h), 'machine': cfg['versions'].get('device', 'not recorded')}
-                         for run, cfg, s, h in runs_of(config, results, ignore=('epochs',))],
-                        columns=['run', 'epochs', 'seed', 'accuracy', *(f'{v} TTA' for v in TTA_VIEWS), 'cpu_hours',
-                                 'machine'])
+                         for run, cfg, s, h in runs_of(config, results, ignore=('epochs', 'precision'))],
+                        columns=['run', 'epochs', 'precision', 'seed', 'accuracy', *(f'{v} TTA' for v in TTA_VIEWS),
+                                 'cpu_hours', 'machine'])
 
 
 def budget_table(config, results=RESULTS, target=None):
-    """`config`'s recipe at each number of epochs it was run for, mean +- std over seeds, single view and with TTA;
-    `target`: an accuracy the mean is checked against. Writes the runs behind it to results/budgets/NAME.csv and
-    their accuracy against epochs and CPU-hours to NAME.png."""
+    """`config`'s recipe at each number of epochs and precision it was run in, mean +- std over seeds, single view and
+    with TTA; `target`: an accuracy the mean is checked against. Writes the runs behind it to results/budgets/NAME.csv
+    and their accuracy against epochs and CPU-hours to NAME.png."""
     b = budgets(config, results)
     if b.empty: return f'(no finished runs of {Path(config).name} yet)'
     out = results / 'budgets' / Path(config).stem
     out.parent.mkdir(exist_ok=True)
-    b.sort_values(['epochs', 'seed']).to_csv(out.with_suffix('.csv'), index=False)
+    b.sort_values(['epochs', 'precision', 'seed']).to_csv(out.with_suffix('.csv'), index=False)
     plot_budgets(b, out.with_suffix('.png'), Path(config).name)
     rows = []
-    for epochs, g in b.groupby('epochs'):
-        rows.append({'epochs': epochs, 'seeds': f'{len(g)} ({", ".join(map(str, sorted(g.seed)))})',
+    for (epochs, precision), g in b.groupby(['epochs', 'precision']):
+        rows.append({'epochs': epochs, 'precision': precision, 'seeds': f'{len(g)} ({", ".join(map(str, sorted(g.seed)))})',
                      'accuracy (mean +- std)': spread(g.accuracy),
                      **{f'{v} TTA': spread_over(g[f'{v} TTA'], len(g)) for v in TTA_VIEWS},
                      'CPU-hours per run (median)': '' if g.cpu_hours.isna().all() else f'{g.cpu_hours.median():.1f}',
@@ -143,14 +145,14 @@ def budget_table(config, results=RESULTS, target=None):
 
 def plot_budgets(b, path, title):
     """Each run's accuracy against its epochs (left) and its CPU-hours (right, the runs that recorded their threads),
-    one colour per number of epochs; TTA as hollow markers."""
+    one colour per number of epochs and precision; TTA as hollow markers."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, x, label in zip(axes, ('epochs', 'cpu_hours'), ('epochs', 'CPU-hours (training time x threads)')):
-        for epochs, g in b.groupby('epochs'):
-            dots = ax.scatter(g[x], g.accuracy * 100, label=f'{epochs} epochs')
+        for (epochs, precision), g in b.groupby(['epochs', 'precision']):
+            dots = ax.scatter(g[x], g.accuracy * 100, label=f'{epochs} epochs, {precision}')
             for v, marker in zip(TTA_VIEWS, itertools.cycle('os^v')):
                 ax.scatter(g[x], g[f'{v} TTA'] * 100, facecolors='none', edgecolors=dots.get_facecolor(), marker=marker)
         ax.set(xlabel=label)

@@ -118,7 +118,7 @@ def finished_run(folder, config, acc, threads=None, per_class=None, seconds=60.0
                                ).to_csv(folder / 'per_class.csv', index=False)
 
 
-def test_budget_table_gives_a_recipe_at_each_length_over_seeds_with_its_cpu_hours(tmp_path):
+def test_budget_table_gives_a_recipe_at_each_length_and_precision_over_seeds_with_its_cpu_hours(tmp_path):
     config = tmp_path / 'recipe.toml'
     config.write_text('schedule = "one-cycle"\nlr = 0.2\n')
     results = tmp_path / 'results'
@@ -127,14 +127,16 @@ def test_budget_table_gives_a_recipe_at_each_length_over_seeds_with_its_cpu_hour
                  seed=2)  # 3 CPU-hours; sweep trials count
     finished_run(results / 'c', config, 0.90, threads=1, seconds=1800, epochs=3, seed=1)  # 1.5 CPU-hours
     finished_run(results / 'd', config, 0.99, threads=1, epochs=2, seed=3, lr=0.1)  # another recipe
+    finished_run(results / 'e', config, 0.70, threads=1, seconds=3600, epochs=3, seed=2, precision='bf16')  # a row of its own
     pd.DataFrame(dict(images=[10], correct=[9])).to_csv(results / 'c' / 'per_class_tta-flip.csv')
     pd.DataFrame(dict(images=[10], correct=[8])).to_csv(results / 'a' / 'per_class_tta-flip.csv')
     table = budget_table(config, results, target=0.85)
     # The median of 2 and 3 CPU-hours; the TTA column covers one of the two seeds, and says so.
-    assert '| 2 | 2 (1, 2) | 81.00% +- 1.41% | 80.00% (1 of 2 seeds) |  | 2.5 | no |' in table
-    assert '| 3 | 1 (1) | 90.00% | 90.00% |  | 1.5 | yes |' in table and '99' not in table
+    assert '| 2 | fp32 | 2 (1, 2) | 81.00% +- 1.41% | 80.00% (1 of 2 seeds) |  | 2.5 | no |' in table
+    assert '| 3 | fp32 | 1 (1) | 90.00% | 90.00% |  | 1.5 | yes |' in table and '99' not in table
+    assert '| 3 | bf16 | 1 (2) | 70.00% |  |  | 3.0 | no |' in table
     runs = pd.read_csv(results / 'budgets' / 'recipe.csv')
-    assert sorted(runs.run) == ['a', 'c', 'sweeps/s/trials/0'] and (results / 'budgets' / 'recipe.png').stat().st_size
+    assert sorted(runs.run) == ['a', 'c', 'e', 'sweeps/s/trials/0'] and (results / 'budgets' / 'recipe.png').stat().st_size
 
 
 def test_ablation_table_shows_runs_that_differ_from_the_recipe_in_one_lever(tmp_path):
