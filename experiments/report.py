@@ -135,7 +135,8 @@ def budget_table(config, results=RESULTS, target=None):
     plot_budgets(b, out.with_suffix('.png'), Path(config).name)
     rows = []
     for (epochs, precision), g in b.groupby(['epochs', 'precision']):
-        rows.append({'epochs': epochs, 'precision': precision, 'seeds': f'{len(g)} ({", ".join(map(str, sorted(g.seed)))})',
+        rows.append({'epochs': epochs, 'precision': precision,
+                     'seeds': f'{len(g)} ({", ".join(map(str, sorted(g.seed)))})',
                      'accuracy (mean +- std)': spread(g.accuracy),
                      **{f'{v} TTA': spread_over(g[f'{v} TTA'], len(g)) for v in TTA_VIEWS},
                      'CPU-hours per run (median)': '' if g.cpu_hours.isna().all() else f'{g.cpu_hours.median():.1f}',
