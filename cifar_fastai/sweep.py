@@ -368,7 +368,6 @@ def run_queued_trials(study, storage, spec, out, data):
             if not study.get_trials(deepcopy=False, states=running): return
             time.sleep(HEARTBEAT)
             continue
-        t0 = time.time()
         with Heartbeat(storage, trial._trial_id):
             # A CifarFastaiError (full disk, Ctrl-C/SIGTERM, ...) stops this worker with its one line; the trial,
             # left running without a heartbeat, is queued again when the command runs again, and resumes.
@@ -385,10 +384,11 @@ def run_queued_trials(study, storage, spec, out, data):
             except RunInterrupted:
                 raise RunInterrupted('interrupted; run the same sweep command again to continue '
                                      '(the trial under way resumes from its checkpoint)') from None
-            trial.set_user_attr('minutes', (time.time() - t0) / 60)
+            minutes = training_minutes(trial)
+            if minutes is not None: trial.set_user_attr('minutes', minutes)
         # skip_if_finished: a trial taken for dead while its worker was only silent may be finished already.
         study.tell(trial, value, state=state, skip_if_finished=True)
-        print(progress_line(study, trial.number, state, value, t0), flush=True)
+        print(progress_line(study, trial.number, state, value), flush=True)
 
 
 def _frozen(trial):
@@ -396,14 +396,22 @@ def _frozen(trial):
     return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
 
 
-def progress_line(study, number, state, value, t0):
+def training_minutes(trial):
+    """The minutes of the trial's epochs (validation included) as its history.csv records them: a trial resumed after
+    a kill or at a later session counts the epochs of every sitting, where this worker's clock would count its own."""
+    history = Path(trial.user_attrs.get('folder', '')) / 'history.csv'
+    return float(pd.read_csv(history).seconds.sum()) / 60 if history.is_file() else None
+
+
+def progress_line(study, number, state, value):
     t = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    minutes = t.user_attrs.get('minutes')
     settings = ' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in t.params.items())
     result = f'accuracy {value:.4f}' if value is not None else state.name.lower()
     points = point_table(study)
     best = '' if points.empty else (f'  | best so far: {points.iloc[0].setting} '
                                     f'{points.iloc[0].accuracy_mean:.4f} (n={points.iloc[0].n})')
-    return f'trial {number}  {settings}  {result}  {(time.time() - t0) / 60:.1f} min{best}'
+    return f'trial {number}  {settings}  {result}' + ('' if minutes is None else f'  {minutes:.1f} min') + best
 
 
 STATISTICS = ('n', 'accuracy_mean', 'accuracy_std', 'accuracy_min', 'accuracy_max', 'minutes', 'pruned')

@@ -89,7 +89,8 @@ def test_ranges_are_drawn_by_optuna_and_crossed_with_the_grid(tmp_path, data):
         (ls, w) for ls in (0.0, 0.1) for w in wds}
 
 
-def test_a_killed_sweep_run_again_resumes_the_dead_trial_from_its_checkpoint(tmp_path, data):
+def test_a_killed_sweep_run_again_resumes_the_dead_trial_from_its_checkpoint_and_counts_all_its_minutes(
+        tmp_path, data):
     spec = spec_file(tmp_path, 'epochs = 8\nbs = 4\nworkers = 0\nseeds = [0]\n[grid]\nlr = [0.1]\n', name='kill')
     out = tmp_path / 'sweep'
     run_cli('sweep', spec, '--out', tmp_path / 'whole', '--data', data)  # the same trial, never interrupted
@@ -113,6 +114,9 @@ def test_a_killed_sweep_run_again_resumes_the_dead_trial_from_its_checkpoint(tmp
     done = len(before)
     assert after.seconds.iloc[:done - 1].tolist() == before.seconds.iloc[:done - 1].tolist()
     assert 'trial 1' in res.stdout and (out / 'summary.csv').exists()
+    # Its minutes are its epochs' as history.csv has them, those before the kill included.
+    assert study.trials[1].user_attrs['minutes'] == pytest.approx(after.seconds.sum() / 60)
+    assert pd.read_csv(out / 'summary.csv').minutes.tolist() == pytest.approx([after.seconds.sum() / 60])
 
 
 def test_sigterm_to_a_sweep_of_two_jobs_stops_its_workers_and_keeps_their_checkpoints(tmp_path, data):
