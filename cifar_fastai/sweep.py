@@ -384,7 +384,8 @@ def run_queued_trials(study, storage, spec, out, data):
             except RunInterrupted:
                 raise RunInterrupted('interrupted; run the same sweep command again to continue '
                                      '(the trial under way resumes from its checkpoint)') from None
-            minutes = training_minutes(trial)
+            # Not for a trial refused its busy folder: those epochs are another worker's.
+            minutes = training_minutes(trial) if state != optuna.trial.TrialState.FAIL else None
             if minutes is not None: trial.set_user_attr('minutes', minutes)
         # skip_if_finished: a trial taken for dead while its worker was only silent may be finished already.
         study.tell(trial, value, state=state, skip_if_finished=True)
@@ -399,8 +400,9 @@ def _frozen(trial):
 def training_minutes(trial):
     """The minutes of the trial's epochs (validation included) as its history.csv records them: a trial resumed after
     a kill or at a later session counts the epochs of every sitting, where this worker's clock would count its own."""
-    history = Path(trial.user_attrs.get('folder', '')) / 'history.csv'
-    return float(pd.read_csv(history).seconds.sum()) / 60 if history.is_file() else None
+    folder = trial.user_attrs.get('folder')
+    history = folder and Path(folder) / 'history.csv'
+    return float(pd.read_csv(history).seconds.sum()) / 60 if history and history.is_file() else None
 
 
 def progress_line(study, number, state, value):
