@@ -229,7 +229,9 @@ def sweep(spec: Annotated[str, 'SPEC.toml (see experiments/sweeps/); with --repo
                                   '(default: sqlite in DIR/study.db)'] = None,
           trials: Annotated[int, "Points drawn from the SPEC's [range] (default: its trials)"] = None,
           study: Annotated[str, 'Study name (default: the SPEC file name): workers of one study share it'] = None,
-          report: Annotated[bool, 'Only write the summary of the sweep in folder SPEC, from its study'] = False):
+          report: Annotated[bool, 'Only write the summary of the sweep in folder SPEC, from its study'] = False,
+          retry_failed: Annotated[bool, 'First queue again each point and seed whose trials all failed (Optuna '
+                                        'retries only a dead worker\'s trial, 3 times); from one command at a time, or a point may run twice'] = False):
     "Run a sweep: every point of a SPEC's grid/ranges once per seed, as run folders of one Optuna study."
     from . import sweep as sw
     if report:
@@ -237,7 +239,8 @@ def sweep(spec: Annotated[str, 'SPEC.toml (see experiments/sweeps/); with --repo
         print(f'summary: {Path(spec) / "summary.md"}')
         return
     if out is None: raise CifarFastaiError('sweep: give --out DIR (the sweep folder)')
-    try: sw.run_sweep(spec, out, data=data, jobs=jobs, storage=storage, trials=trials, study_name=study)
+    try: sw.run_sweep(spec, out, data=data, jobs=jobs, storage=storage, trials=trials, study_name=study,
+                          retry_failed=retry_failed)
     except KeyboardInterrupt:
         from .train import RunInterrupted
         raise RunInterrupted('interrupted; run the same sweep command again to continue') from None

@@ -28,7 +28,7 @@ from .config import DEFAULTS, check_settings, resolve_settings
 from .errors import CifarFastaiError
 from .distributed import usable_cores
 
-__all__ = ['Spec', 'read_spec', 'plan', 'open_study', 'run_sweep', 'summarize', 'OptunaPruning']
+__all__ = ['Spec', 'read_spec', 'plan', 'open_study', 'requeue_failed', 'run_sweep', 'summarize', 'OptunaPruning']
 
 OBJECTIVES = ('accuracy',)
 SPEC_KEYS = ('config', 'seeds', 'objective', 'trials', 'grid', 'range', 'pruner')
@@ -287,6 +287,19 @@ def open_study(spec, storage, name, trials=None):
     return study
 
 
+def requeue_failed(study):
+    """Queue again each planned (point, seed) whose trials all failed, for the workers to run; how many.
+    Optuna queues again only a dead worker's trial, max_retry times, and leaves a failed trial failed: a trial that
+    killed its worker every time, or one lost before retries waited for a busy folder, would keep its point empty."""
+    states = {}
+    for t in study.get_trials(deepcopy=False):
+        key = (t.user_attrs['point'], json.dumps(t.system_attrs['fixed_params'], sort_keys=True))
+        states.setdefault(key, []).append(t.state)
+    lost = [key for key, s in states.items() if all(state == optuna.trial.TrialState.FAIL for state in s)]
+    for point, params in lost: study.enqueue_trial(json.loads(params), user_attrs={'point': point})
+    return len(lost)
+
+
 class OptunaPruning(Callback):
     "Report each epoch's test accuracy to an Optuna trial; stop the run when its pruner says so."
     # optuna-integration's FastAIPruningCallback would need another package for these eight lines.
@@ -313,6 +326,7 @@ def trial_settings(trial, spec):
 
 def run_trial(trial, spec, out, data):
     "Train one trial into DIR/trials/<number> (a retry: into the dead trial's folder, resumed from its checkpoint)."
+    from .rundir import RunFolderBusy
     from .train import fit_run, resume_run
     s = trial_settings(trial, spec)
     retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(_frozen(trial))
@@ -321,12 +335,24 @@ def run_trial(trial, spec, out, data):
     trial.set_user_attr('folder', str(folder))
     trial.set_user_attr('host', os.uname().nodename)
     cbs = [OptunaPruning(trial)]
-    if (folder / 'learner.pkl').exists(): pass  # finished before its worker died (or resumed by hand): keep it
-    elif (folder / 'checkpoint.pth').exists(): resume_run(folder, data, cbs=cbs, quiet=True)
-    else:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        fit_run(s, folder, data=data, force=True, cbs=cbs, quiet=True)
-    return float(pd.read_csv(folder / 'history.csv').accuracy.iloc[-1])
+    waiting = False
+    while True:
+        try:
+            if (folder / 'learner.pkl').exists(): pass  # finished before its worker died (or resumed by hand): keep it
+            elif (folder / 'checkpoint.pth').exists(): resume_run(folder, data, cbs=cbs, quiet=True)
+            else:
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                fit_run(s, folder, data=data, force=True, cbs=cbs, quiet=True)
+            return float(pd.read_csv(folder / 'history.csv').accuracy.iloc[-1])
+        except RunFolderBusy:
+            # The dead trial's worker is alive after all: it was only silent for GRACE s (a stalled machine, a lost
+            # database). It lets go at its next epoch's report, which Optuna refuses; its epochs are then in the
+            # checkpoint this retry resumes. Refusing the folder instead failed the point for good.
+            if not waiting:
+                print(f'cifar-fastai: trial {trial.number}: {folder} is still held by the worker taken for dead; '
+                      'waiting to resume it from there', file=sys.stderr, flush=True)
+            waiting = True
+            time.sleep(HEARTBEAT)
 
 
 def take_queued_trial(study):
@@ -358,7 +384,6 @@ def worker(spec_path, out, storage_url_, name, data, threads, trials=None):
 
 
 def run_queued_trials(study, storage, spec, out, data):
-    from .rundir import RunFolderBusy
     from .train import RunInterrupted
     running = (optuna.trial.TrialState.RUNNING,)
     while True:
@@ -372,21 +397,19 @@ def run_queued_trials(study, storage, spec, out, data):
             # A CifarFastaiError (full disk, Ctrl-C/SIGTERM, ...) stops this worker with its one line; the trial,
             # left running without a heartbeat, is queued again when the command runs again, and resumes.
             try:
-                value = run_trial(trial, spec, out, data)
-                state = optuna.trial.TrialState.COMPLETE
-            except optuna.TrialPruned: value, state = None, optuna.trial.TrialState.PRUNED
-            except RunFolderBusy as e:  # its first worker is alive after all (it only went silent): let it finish
-                print(f'cifar-fastai: trial {trial.number}: {e}', file=sys.stderr, flush=True)
-                value, state = None, optuna.trial.TrialState.FAIL
-            except optuna.exceptions.UpdateFinishedTrialError:  # its report, after the database came back
-                raise CifarFastaiError(f'trial {trial.number} was taken for dead by another worker while the study\'s '
-                                       'database was out of reach; run the same sweep command again') from None
+                try: value, state = run_trial(trial, spec, out, data), optuna.trial.TrialState.COMPLETE
+                except optuna.TrialPruned: value, state = None, optuna.trial.TrialState.PRUNED
+                minutes = training_minutes(trial)
+                if minutes is not None: trial.set_user_attr('minutes', minutes)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # Its report, refused: this worker went silent (a stalled machine, a lost database) and another took
+                # the trial for dead and queued it again. Its folder, let go now, is the retry's to resume.
+                print(f'cifar-fastai: trial {trial.number}: taken for dead while this worker was silent; its retry '
+                      'resumes it from its checkpoint', file=sys.stderr, flush=True)
+                continue
             except RunInterrupted:
                 raise RunInterrupted('interrupted; run the same sweep command again to continue '
                                      '(the trial under way resumes from its checkpoint)') from None
-            # Not for a trial refused its busy folder: those epochs are another worker's.
-            minutes = training_minutes(trial) if state != optuna.trial.TrialState.FAIL else None
-            if minutes is not None: trial.set_user_attr('minutes', minutes)
         # skip_if_finished: a trial taken for dead while its worker was only silent may be finished already.
         study.tell(trial, value, state=state, skip_if_finished=True)
         print(progress_line(study, trial.number, state, value), flush=True)
@@ -498,8 +521,9 @@ def quiet_optuna():
     warnings.filterwarnings('ignore', message='Choices for a categorical distribution should be a tuple')
 
 
-def run_sweep(spec_path, out, data=None, jobs=1, storage=None, trials=None, study_name=None):
-    "Plan (or join) the study and run its trials with `jobs` worker processes here; then write the summary."
+def run_sweep(spec_path, out, data=None, jobs=1, storage=None, trials=None, study_name=None, retry_failed=False):
+    """Plan (or join) the study and run its trials with `jobs` worker processes here; then write the summary.
+    `retry_failed`: first queue again the points whose trials all failed (requeue_failed)."""
     from .rundir import atomic_write, writable_folder
     quiet_optuna()
     spec = read_spec(spec_path)
@@ -514,7 +538,9 @@ def run_sweep(spec_path, out, data=None, jobs=1, storage=None, trials=None, stud
     root = str(locate_data(data))  # unpacked once here, not by every worker
     st = make_storage(url)
     atomic_write(out / 'sweep.json', json.dumps(record, indent=2).encode())
-    with storage_failures_in_one_line(AFTER_LOST_PLAN): open_study(spec, st, name, trials)
+    with storage_failures_in_one_line(AFTER_LOST_PLAN):
+        study = open_study(spec, st, name, trials)
+        if retry_failed: print(f'queued again: {requeue_failed(study)} trials, whose earlier tries all failed')
     threads = max(1, usable_cores() // jobs)  # never more threads than cores (taskset -c 1: one)
     args = (str(spec.path), str(out), url, name, root, threads, trials)
     if jobs == 1: worker(*args)

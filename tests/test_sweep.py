@@ -119,6 +119,55 @@ def test_a_killed_sweep_run_again_resumes_the_dead_trial_from_its_checkpoint_and
     assert pd.read_csv(out / 'summary.csv').minutes.tolist() == pytest.approx([after.seconds.sum() / 60])
 
 
+def test_a_worker_only_silent_when_taken_for_dead_hands_its_trial_to_the_retry_and_nothing_is_lost(tmp_path, data):
+    # A worker stalled for longer than GRACE (SIGSTOP here; a frozen machine or a lost database in life) is taken for
+    # dead by the next worker, whose retry finds the folder still held. The retry used to fail at once and the stalled
+    # worker's report was then refused: the point had no result at all.
+    spec = spec_file(tmp_path, 'epochs = 6\nbs = 4\nworkers = 0\nseeds = [0]\n[grid]\nlr = [0.1]\n', name='stall')
+    out = tmp_path / 'sweep'
+    run_cli('sweep', spec, '--out', tmp_path / 'whole', '--data', data)  # the same trial, never interrupted
+    args = [sys.executable, '-m', 'cifar_fastai', 'sweep', str(spec), '--out', str(out), '--data', str(data)]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    history = out / 'trials' / '0' / 'history.csv'
+    while not (history.exists() and len(history.read_text().splitlines()) > 2): time.sleep(0.01)
+    first.send_signal(signal.SIGSTOP)
+    time.sleep(sweep.GRACE + 2)  # its heartbeat is stale now
+    second = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        waits = second.stderr.readline()  # the retry's one line, or '' at its exit
+        first.send_signal(signal.SIGCONT)
+        second_out, second_err = second.communicate(timeout=300)
+        first_out, first_err = first.communicate(timeout=300)
+    finally:
+        for proc in (first, second): proc.kill()
+    assert 'trial 1: ' in waits and 'still held by the worker taken for dead; waiting' in waits, waits + second_err
+    assert first.returncode == 0 and second.returncode == 0, first_err + second_err
+    assert 'trial 0: taken for dead while this worker was silent' in first_err and 'Traceback' not in first_err
+    study = study_of(out, 'stall')
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    after, whole = pd.read_csv(history), pd.read_csv(tmp_path / 'whole' / 'trials' / '0' / 'history.csv')
+    assert after.drop(columns='seconds').equals(whole.drop(columns='seconds'))  # resumed exactly, every epoch once
+    assert study.trials[1].value == pytest.approx(after.accuracy.iloc[-1])
+    assert pd.read_csv(out / 'summary.csv').n.tolist() == [1]
+
+
+def test_retry_failed_queues_again_only_the_points_whose_trials_all_failed(tmp_path, data):
+    spec = spec_file(tmp_path, TINY + 'seeds = [0, 1, 2]\n')
+    out = tmp_path / 'sweep'
+    out.mkdir()
+    study = sweep.open_study(sweep.read_spec(spec), sweep.make_storage(f'sqlite:///{out / "study.db"}'), 'grid')
+    lost = sweep.take_queued_trial(study)  # failed for good, as before retries waited for a busy folder
+    study.tell(lost, state=optuna.trial.TrialState.FAIL)
+    run_cli('sweep', spec, '--out', out, '--data', data)
+    assert pd.read_csv(out / 'summary.csv').n.tolist() == [2]  # a plain run again leaves it failed
+    res = run_cli('sweep', spec, '--out', out, '--data', data, '--retry-failed')
+    assert 'queued again: 1 trials' in res.stdout
+    trials = study_of(out).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL] + [optuna.trial.TrialState.COMPLETE] * 3
+    assert sorted(t.params['seed'] for t in trials[1:]) == [0, 1, 2] and trials[-1].user_attrs['point'] == 0
+    assert pd.read_csv(out / 'summary.csv').n.tolist() == [3]
+
+
 def test_sigterm_to_a_sweep_of_two_jobs_stops_its_workers_and_keeps_their_checkpoints(tmp_path, data):
     spec = spec_file(tmp_path, 'epochs = 400\nbs = 4\nworkers = 0\nseeds = [0, 1]\n[grid]\nlr = [0.1]\n', name='term')
     out = tmp_path / 'sweep'
