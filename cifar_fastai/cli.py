@@ -230,8 +230,9 @@ def sweep(spec: Annotated[str, 'SPEC.toml (see experiments/sweeps/); with --repo
           trials: Annotated[int, "Points drawn from the SPEC's [range] (default: its trials)"] = None,
           study: Annotated[str, 'Study name (default: the SPEC file name): workers of one study share it'] = None,
           report: Annotated[bool, 'Only write the summary of the sweep in folder SPEC, from its study'] = False,
-          retry_failed: Annotated[bool, 'First queue again each point and seed whose trials all failed (Optuna '
-                                        'retries only a dead worker\'s trial, 3 times); from one command at a time, or a point may run twice'] = False):
+          retry_failed: Annotated[bool, 'First queue again each point and seed whose trials all failed, to resume '
+                                        "from their folder (Optuna retries only a dead worker's trial, 3 times); "
+                                        'while no other worker of the study runs'] = False):
     "Run a sweep: every point of a SPEC's grid/ranges once per seed, as run folders of one Optuna study."
     from . import sweep as sw
     if report:

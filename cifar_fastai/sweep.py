@@ -288,15 +288,16 @@ def open_study(spec, storage, name, trials=None):
 
 
 def requeue_failed(study):
-    """Queue again each planned (point, seed) whose trials all failed, for the workers to run; how many.
-    Optuna queues again only a dead worker's trial, max_retry times, and leaves a failed trial failed: a trial that
-    killed its worker every time, or one lost before retries waited for a busy folder, would keep its point empty."""
-    states = {}
-    for t in study.get_trials(deepcopy=False):
-        key = (t.user_attrs['point'], json.dumps(t.system_attrs['fixed_params'], sort_keys=True))
-        states.setdefault(key, []).append(t.state)
-    lost = [key for key, s in states.items() if all(state == optuna.trial.TrialState.FAIL for state in s)]
-    for point, params in lost: study.enqueue_trial(json.loads(params), user_attrs={'point': point})
+    """Queue again each planned (point, seed) whose trials all failed, as a retry of the last of them, so that it
+    resumes their run folder; how many. Optuna queues again only a dead worker's trial, max_retry times, and leaves a
+    failed trial failed: a trial that killed its worker every time, or one that found its folder held for too long,
+    would keep its point empty."""
+    tries = {}
+    for t in study.get_trials():  # copies: Optuna's retry callback appends to a trial's retry_history
+        tries.setdefault((t.user_attrs['point'], json.dumps(t.system_attrs['fixed_params'], sort_keys=True)), []).append(t)
+    lost = [ts[-1] for ts in tries.values() if all(t.state == optuna.trial.TrialState.FAIL for t in ts)]
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=None, inherit_intermediate_values=True)
+    for t in lost: retry(study, t)
     return len(lost)
 
 
@@ -326,32 +327,56 @@ def trial_settings(trial, spec):
 
 def run_trial(trial, spec, out, data):
     "Train one trial into DIR/trials/<number> (a retry: into the dead trial's folder, resumed from its checkpoint)."
-    from .rundir import RunFolderBusy
     from .train import fit_run, resume_run
     s = trial_settings(trial, spec)
-    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(_frozen(trial))
-    number = trial.number if retried is None else retried
+    number = retried_number(_frozen(trial))
     folder = Path(out) / 'trials' / str(number)
     trial.set_user_attr('folder', str(folder))
     trial.set_user_attr('host', os.uname().nodename)
     cbs = [OptunaPruning(trial)]
-    waiting = False
+    if folder.is_dir(): wait_for_folder(folder, trial.number)
+    if (folder / 'learner.pkl').exists(): pass  # finished before its worker died (or resumed by hand): keep it
+    elif (folder / 'checkpoint.pth').exists(): resume_run(folder, data, cbs=cbs, quiet=True)
+    else:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        fit_run(s, folder, data=data, force=True, cbs=cbs, quiet=True)
+    return float(pd.read_csv(folder / 'history.csv').accuracy.iloc[-1])
+
+
+def retried_number(trial):
+    "The number of the trial whose folder `trial` trains in: the first of its retries, else its own."
+    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+    return trial.number if retried is None else retried
+
+
+# Before its first epoch a run's epoch length is unknown: on 2 CPU cores a first epoch takes 2-10 minutes.
+FIRST_EPOCH_S = 900
+
+
+def wait_for_folder(folder, number):
+    """Return once no other process holds the run folder `folder` (then it is looked at and taken).
+    A retry finds it held when the worker taken for dead was only silent (a stalled machine, a database out of reach):
+    that worker lets go at its next epoch's report, which Optuna refuses, its epochs in the checkpoint this retry
+    resumes. Refusing the folder at once failed the point for good. Anything else holding it (a paused sweep, a `fit
+    --resume` by hand) is given two of the run's longest epochs, then the trial fails with RunFolderBusy."""
+    from .rundir import LOCK_FILE, RunFolder, RunFolderBusy
+    start, said = time.monotonic(), False
     while True:
         try:
-            if (folder / 'learner.pkl').exists(): pass  # finished before its worker died (or resumed by hand): keep it
-            elif (folder / 'checkpoint.pth').exists(): resume_run(folder, data, cbs=cbs, quiet=True)
-            else:
-                folder.parent.mkdir(parents=True, exist_ok=True)
-                fit_run(s, folder, data=data, force=True, cbs=cbs, quiet=True)
-            return float(pd.read_csv(folder / 'history.csv').accuracy.iloc[-1])
+            RunFolder(folder).lock().unlock()
+            return
         except RunFolderBusy:
-            # The dead trial's worker is alive after all: it was only silent for GRACE s (a stalled machine, a lost
-            # database). It lets go at its next epoch's report, which Optuna refuses; its epochs are then in the
-            # checkpoint this retry resumes. Refusing the folder instead failed the point for good.
-            if not waiting:
-                print(f'cifar-fastai: trial {trial.number}: {folder} is still held by the worker taken for dead; '
-                      'waiting to resume it from there', file=sys.stderr, flush=True)
-            waiting = True
+            holder = f'pid {(folder / LOCK_FILE).read_text().strip() or "unknown"}'
+            seconds = pd.read_csv(folder / 'history.csv').seconds if (folder / 'history.csv').is_file() else ()
+            patience = GRACE + 2 * (max(seconds) if len(seconds) else FIRST_EPOCH_S)
+            if time.monotonic() - start > patience:
+                waited = f'{patience / 60:.0f} min' if patience >= 120 else f'{patience:.0f} s'
+                raise RunFolderBusy(f'{folder} is still held by another process ({holder}) after {waited}; once it '
+                                    'lets go, run the sweep again with --retry-failed') from None
+            if not said:
+                print(f'cifar-fastai: trial {number}: {folder} is held by another process ({holder}), perhaps the '
+                      'worker taken for dead while only silent; waiting for it to let go', file=sys.stderr, flush=True)
+                said = True
             time.sleep(HEARTBEAT)
 
 
@@ -384,6 +409,7 @@ def worker(spec_path, out, storage_url_, name, data, threads, trials=None):
 
 
 def run_queued_trials(study, storage, spec, out, data):
+    from .rundir import RunFolderBusy
     from .train import RunInterrupted
     running = (optuna.trial.TrialState.RUNNING,)
     while True:
@@ -399,13 +425,16 @@ def run_queued_trials(study, storage, spec, out, data):
             try:
                 try: value, state = run_trial(trial, spec, out, data), optuna.trial.TrialState.COMPLETE
                 except optuna.TrialPruned: value, state = None, optuna.trial.TrialState.PRUNED
-                minutes = training_minutes(trial)
+                except RunFolderBusy as e:  # held past wait_for_folder's patience: not by a silent worker
+                    print(f'cifar-fastai: trial {trial.number}: {e}', file=sys.stderr, flush=True)
+                    value, state = None, optuna.trial.TrialState.FAIL
+                minutes = training_minutes(trial) if state != optuna.trial.TrialState.FAIL else None
                 if minutes is not None: trial.set_user_attr('minutes', minutes)
             except optuna.exceptions.UpdateFinishedTrialError:
                 # Its report, refused: this worker went silent (a stalled machine, a lost database) and another took
-                # the trial for dead and queued it again. Its folder, let go now, is the retry's to resume.
-                print(f'cifar-fastai: trial {trial.number}: taken for dead while this worker was silent; its retry '
-                      'resumes it from its checkpoint', file=sys.stderr, flush=True)
+                # the trial for dead. Its folder, let go now, is the retry's to resume.
+                print(f'cifar-fastai: trial {trial.number}: taken for dead while this worker was silent; '
+                      f'{next_try(study, trial)}', file=sys.stderr, flush=True)
                 continue
             except RunInterrupted:
                 raise RunInterrupted('interrupted; run the same sweep command again to continue '
@@ -413,6 +442,15 @@ def run_queued_trials(study, storage, spec, out, data):
         # skip_if_finished: a trial taken for dead while its worker was only silent may be finished already.
         study.tell(trial, value, state=state, skip_if_finished=True)
         print(progress_line(study, trial.number, state, value), flush=True)
+
+
+def next_try(study, trial):
+    "What becomes of a trial taken for dead: its retry resumes it, or, after Optuna's last retry, --retry-failed."
+    root = retried_number(_frozen(trial))
+    live = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+    if any(retried_number(t) == root for t in study.get_trials(deepcopy=False, states=live)):
+        return 'its retry resumes it from its checkpoint'
+    return 'it has no retry left: run the sweep again with --retry-failed to resume it from its checkpoint'
 
 
 def _frozen(trial):
@@ -484,10 +522,11 @@ def summarize(study, out):
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
     quiet_optuna()
-    plots = [('optimization_history', ovm.plot_optimization_history)]
-    # Optuna's importances need two finished trials; with fewer it warns and draws every parameter as equal.
-    if len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))) > 1:
-        plots.append(('param_importances', ovm.plot_param_importances))
+    # Optuna's plots want finished trials: its history without one warns of a legend with nothing in it; its
+    # importances need two, and with fewer it warns and draws every parameter as equal.
+    finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    plots = [('optimization_history', ovm.plot_optimization_history)] if finished else []
+    if finished > 1: plots.append(('param_importances', ovm.plot_param_importances))
     for name, plot in plots:
         try:
             ax = plot(study)
@@ -538,9 +577,10 @@ def run_sweep(spec_path, out, data=None, jobs=1, storage=None, trials=None, stud
     root = str(locate_data(data))  # unpacked once here, not by every worker
     st = make_storage(url)
     atomic_write(out / 'sweep.json', json.dumps(record, indent=2).encode())
-    with storage_failures_in_one_line(AFTER_LOST_PLAN):
-        study = open_study(spec, st, name, trials)
-        if retry_failed: print(f'queued again: {requeue_failed(study)} trials, whose earlier tries all failed')
+    with storage_failures_in_one_line(AFTER_LOST_PLAN): study = open_study(spec, st, name, trials)
+    if retry_failed:
+        with storage_failures_in_one_line(AFTER_LOST_TRIAL):
+            print(f'queued again: {requeue_failed(study)} trials, whose earlier tries all failed')
     threads = max(1, usable_cores() // jobs)  # never more threads than cores (taskset -c 1: one)
     args = (str(spec.path), str(out), url, name, root, threads, trials)
     if jobs == 1: worker(*args)

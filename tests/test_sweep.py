@@ -1,6 +1,7 @@
 "Sweeps over one Optuna study: every (point, seed) once, with several processes or machines, through kills."
 import multiprocessing
 import os
+import select
 import shutil
 import signal
 import socket
@@ -134,13 +135,15 @@ def test_a_worker_only_silent_when_taken_for_dead_hands_its_trial_to_the_retry_a
     time.sleep(sweep.GRACE + 2)  # its heartbeat is stale now
     second = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        waits = second.stderr.readline()  # the retry's one line, or '' at its exit
+        ready, _, _ = select.select([second.stderr], [], [], 120)
+        waits = second.stderr.readline() if ready else 'nothing from the second worker in 120 s'
         first.send_signal(signal.SIGCONT)
         second_out, second_err = second.communicate(timeout=300)
         first_out, first_err = first.communicate(timeout=300)
     finally:
         for proc in (first, second): proc.kill()
-    assert 'trial 1: ' in waits and 'still held by the worker taken for dead; waiting' in waits, waits + second_err
+    assert waits.startswith('cifar-fastai: trial 1: ') and f'(pid {first.pid})' in waits, waits + second_err
+    assert waits.rstrip().endswith('waiting for it to let go'), waits
     assert first.returncode == 0 and second.returncode == 0, first_err + second_err
     assert 'trial 0: taken for dead while this worker was silent' in first_err and 'Traceback' not in first_err
     study = study_of(out, 'stall')
@@ -151,21 +154,51 @@ def test_a_worker_only_silent_when_taken_for_dead_hands_its_trial_to_the_retry_a
     assert pd.read_csv(out / 'summary.csv').n.tolist() == [1]
 
 
-def test_retry_failed_queues_again_only_the_points_whose_trials_all_failed(tmp_path, data):
-    spec = spec_file(tmp_path, TINY + 'seeds = [0, 1, 2]\n')
+def test_retry_failed_resumes_a_point_whose_trials_all_failed_from_its_folder_and_only_that_point(tmp_path, data):
+    spec = spec_file(tmp_path, 'epochs = 8\nbs = 4\nworkers = 0\nseeds = [0, 1]\n[grid]\nlr = [0.1]\n', name='lost')
     out = tmp_path / 'sweep'
-    out.mkdir()
-    study = sweep.open_study(sweep.read_spec(spec), sweep.make_storage(f'sqlite:///{out / "study.db"}'), 'grid')
-    lost = sweep.take_queued_trial(study)  # failed for good, as before retries waited for a busy folder
-    study.tell(lost, state=optuna.trial.TrialState.FAIL)
+    args = [sys.executable, '-m', 'cifar_fastai', 'sweep', str(spec), '--out', str(out), '--data', str(data)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history = out / 'trials' / '0' / 'history.csv'
+    while not (history.exists() and len(history.read_text().splitlines()) > 3): time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = pd.read_csv(history)
+    # Failed for good, its checkpoint on disk: as a worker killed once more than Optuna's max_retry leaves it.
+    study = study_of(out, 'lost')
+    study._storage.set_trial_state_values(study.trials[0]._trial_id, state=optuna.trial.TrialState.FAIL)
     run_cli('sweep', spec, '--out', out, '--data', data)
-    assert pd.read_csv(out / 'summary.csv').n.tolist() == [2]  # a plain run again leaves it failed
+    assert pd.read_csv(out / 'summary.csv').n.tolist() == [1]  # run again, the point of seed 0 stays failed
     res = run_cli('sweep', spec, '--out', out, '--data', data, '--retry-failed')
     assert 'queued again: 1 trials' in res.stdout
-    trials = study_of(out).trials
-    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL] + [optuna.trial.TrialState.COMPLETE] * 3
-    assert sorted(t.params['seed'] for t in trials[1:]) == [0, 1, 2] and trials[-1].user_attrs['point'] == 0
-    assert pd.read_csv(out / 'summary.csv').n.tolist() == [3]
+    trials = study_of(out, 'lost').trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL] + [optuna.trial.TrialState.COMPLETE] * 2
+    assert trials[2].params['seed'] == 0 and trials[2].user_attrs['folder'] == str(out / 'trials' / '0')
+    after = pd.read_csv(history)
+    assert len(after) == 8 and after.seconds.iloc[:len(before) - 1].tolist() == before.seconds.iloc[:-1].tolist()
+    assert pd.read_csv(out / 'summary.csv').n.tolist() == [2]
+    res = run_cli('sweep', spec, '--out', out, '--data', data, '--retry-failed')  # a failed try with a finished one
+    assert 'queued again: 0 trials' in res.stdout and len(study_of(out, 'lost').trials) == 3
+
+
+def test_a_folder_held_past_two_epochs_fails_its_trial_in_one_line_naming_the_holder(tmp_path, data, monkeypatch):
+    from cifar_fastai.rundir import RunFolder
+    spec = spec_file(tmp_path, TINY + 'seeds = [0]\n', name='held')
+    out = tmp_path / 'sweep'
+    folder = out / 'trials' / '0'
+    folder.mkdir(parents=True)
+    (folder / 'history.csv').write_text('epoch,train_loss,valid_loss,accuracy,lr,seconds\n0,2.0,2.0,0.1,0.1,1.0\n')
+    with RunFolder(folder).lock():  # this process, as a `fit --resume` by hand would
+        t0 = time.monotonic()
+        res = run_cli('sweep', spec, '--out', out, '--data', data)
+    assert time.monotonic() - t0 < sweep.GRACE + 60
+    err = res.stderr.strip().splitlines()
+    assert err[0].startswith('cifar-fastai: trial 0: ') and f'(pid {os.getpid()})' in err[0] and 'waiting' in err[0]
+    assert err[-1] == (f'cifar-fastai: trial 0: {folder} is still held by another process (pid {os.getpid()}) after '
+                       f'{sweep.GRACE + 2} s; once it lets go, run the sweep again with --retry-failed'), err
+    assert study_of(out, 'held').trials[0].state == optuna.trial.TrialState.FAIL
+    run_cli('sweep', spec, '--out', out, '--data', data, '--retry-failed')
+    assert pd.read_csv(out / 'summary.csv').n.tolist() == [1]
 
 
 def test_sigterm_to_a_sweep_of_two_jobs_stops_its_workers_and_keeps_their_checkpoints(tmp_path, data):
