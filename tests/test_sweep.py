@@ -90,17 +90,23 @@ def test_ranges_are_drawn_by_optuna_and_crossed_with_the_grid(tmp_path, data):
         (ls, w) for ls in (0.0, 0.1) for w in wds}
 
 
-def test_a_killed_sweep_run_again_resumes_the_dead_trial_from_its_checkpoint_and_counts_all_its_minutes(
-        tmp_path, data):
-    spec = spec_file(tmp_path, 'epochs = 8\nbs = 4\nworkers = 0\nseeds = [0]\n[grid]\nlr = [0.1]\n', name='kill')
-    out = tmp_path / 'sweep'
-    run_cli('sweep', spec, '--out', tmp_path / 'whole', '--data', data)  # the same trial, never interrupted
+def sweep_killed_in_its_first_trial(spec, out, data):
+    "Run `cifar-fastai sweep SPEC`, SIGKILL it once trial 0 has three epochs in its history.csv; that file's path."
     args = [sys.executable, '-m', 'cifar_fastai', 'sweep', str(spec), '--out', str(out), '--data', str(data)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     history = out / 'trials' / '0' / 'history.csv'
     while not (history.exists() and len(history.read_text().splitlines()) > 3): time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    return history
+
+
+def test_a_killed_sweep_run_again_resumes_the_dead_trial_from_its_checkpoint_and_counts_all_its_minutes(
+        tmp_path, data):
+    spec = spec_file(tmp_path, 'epochs = 8\nbs = 4\nworkers = 0\nseeds = [0]\n[grid]\nlr = [0.1]\n', name='kill')
+    out = tmp_path / 'sweep'
+    run_cli('sweep', spec, '--out', tmp_path / 'whole', '--data', data)  # the same trial, never interrupted
+    history = sweep_killed_in_its_first_trial(spec, out, data)
     before = pd.read_csv(history)
     t0 = time.time()
     res = run_cli('sweep', spec, '--out', out, '--data', data)
@@ -157,12 +163,7 @@ def test_a_worker_only_silent_when_taken_for_dead_hands_its_trial_to_the_retry_a
 def test_retry_failed_resumes_a_point_whose_trials_all_failed_from_its_folder_and_only_that_point(tmp_path, data):
     spec = spec_file(tmp_path, 'epochs = 8\nbs = 4\nworkers = 0\nseeds = [0, 1]\n[grid]\nlr = [0.1]\n', name='lost')
     out = tmp_path / 'sweep'
-    args = [sys.executable, '-m', 'cifar_fastai', 'sweep', str(spec), '--out', str(out), '--data', str(data)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    history = out / 'trials' / '0' / 'history.csv'
-    while not (history.exists() and len(history.read_text().splitlines()) > 3): time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    history = sweep_killed_in_its_first_trial(spec, out, data)
     before = pd.read_csv(history)
     # Failed for good, its checkpoint on disk: as a worker killed once more than Optuna's max_retry leaves it.
     study = study_of(out, 'lost')
