@@ -308,6 +308,14 @@ class OptunaPruning(Callback):
 
     def __init__(self, trial): self.trial = trial
 
+    def before_fit(self):
+        # A retry inherits the values its dead trial reported, but a worker only silent trains one more epoch into the
+        # checkpoint than Optuna then accepts from it (and a killed one may die between its checkpoint and its report):
+        # report each resumed epoch the trial lacks, from the checkpoint's rows, so that the pruner sees every epoch.
+        reported = _frozen(self.trial).intermediate_values
+        for epoch, _, _, accuracy, *_ in self.history_csv.rows:
+            if epoch not in reported: self.trial.report(float(accuracy), int(epoch))
+
     def after_epoch(self):
         self.trial.report(float(self.recorder.values[-1][2]), self.epoch)
         if self.trial.should_prune(): raise optuna.TrialPruned(f'pruned after epoch {self.epoch + 1}')

@@ -157,6 +157,8 @@ def test_a_worker_only_silent_when_taken_for_dead_hands_its_trial_to_the_retry_a
     after, whole = pd.read_csv(history), pd.read_csv(tmp_path / 'whole' / 'trials' / '0' / 'history.csv')
     assert after.drop(columns='seconds').equals(whole.drop(columns='seconds'))  # resumed exactly, every epoch once
     assert study.trials[1].value == pytest.approx(after.accuracy.iloc[-1])
+    # The pruner sees every epoch, the one the silent worker trained but could not report among them.
+    assert study.trials[1].intermediate_values == pytest.approx(dict(enumerate(after.accuracy)))
     assert pd.read_csv(out / 'summary.csv').n.tolist() == [1]
 
 
