@@ -1,5 +1,5 @@
 """Question: how were the shared CIFAR-10 images encoded? The copy here is a JPEG re-encoding of CIFAR-10, and a
-32x32 image loses more to JPEG than a photograph does: at 4:2:0 chroma subsampling its colour is kept at 16x16. Each
+32x32 image has few pixels to spare: at 4:2:0 chroma subsampling its colour is kept at 16x16. Each
 file's JPEG quality is found by matching its quantization tables against the tables Pillow's encoder (libjpeg's
 standard tables, scaled) writes at each quality 1-100; only the headers are read, no image is decoded.
 
