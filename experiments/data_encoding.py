@@ -16,7 +16,7 @@ from PIL import Image, JpegImagePlugin
 
 from cifar_fastai.data import cifar_files, locate_data
 
-SUBSAMPLING = {-1: 'n/a', 0: '4:4:4', 1: '4:2:2', 2: '4:2:0'}  # Pillow's codes (JpegImagePlugin.get_sampling)
+SUBSAMPLING = {-1: 'n/a', 0: '4:4:4', 1: '4:2:2', 2: '4:2:0'}  # Pillow's codes; -1: greyscale or CMYK JPEGs
 
 
 def quality_by_tables():
