@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -389,6 +390,14 @@ def test_a_bad_spec_fails_in_one_line_before_anything_runs(capsys, tmp_path, dat
     out = tmp_path / 'sweep'
     one_line_error(capsys, ['sweep', spec_file(tmp_path, text), '--out', out, '--data', data], match)
     assert not out.exists()
+
+
+def test_every_sweep_spec_in_the_repo_reads_from_the_repository_root(monkeypatch):
+    root = Path(__file__).parents[1]
+    monkeypatch.chdir(root)  # the specs' teacher paths are relative to it, as their comments say
+    specs = sorted((root / 'experiments' / 'sweeps').glob('*.toml'))
+    assert {'best-nesterov.toml', 'bs.toml'} <= {s.name for s in specs}
+    for s in specs: assert sweep.plan(sweep.read_spec(s)), s.name
 
 
 def test_bad_arguments_fail_in_one_line(capsys, tmp_path, data):
