@@ -98,7 +98,7 @@ class WeightAveraging(Callback):
     "The weights averaged (torch's AveragedModel): an EMA of every step, or SWA's mean of the last epochs' ends."
     # The average is what is validated (once it exists: SWA's first epoch on), exported and shipped.
     # Batch-norm statistics are not averaged with the weights (use_buffers=False): statistics averaged over networks
-    # that differ describe none of them, and cost best.toml's 10-epoch average 3.3 points
+    # that differ describe none of them, and cost mild-airbench.toml's 10-epoch average 3.3 points
     # (experiments/results/ema-batchnorm/ema-batchnorm.csv). They are measured afresh for the averaged weights before
     # each validation, on 5,000 training images shown as the test images are: no augmentation, so the run's
     # random stream, and with it the training, is the same as without the average.

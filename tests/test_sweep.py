@@ -400,6 +400,16 @@ def test_every_sweep_spec_in_the_repo_reads_from_the_repository_root(monkeypatch
     for s in specs: assert sweep.plan(sweep.read_spec(s)), s.name
 
 
+def test_the_published_best_recipe_is_the_one_its_three_seed_sweep_measured():
+    # README's best-recipe figures are best-nesterov's trials; `fit --config experiments/best.toml` must train them.
+    root = Path(__file__).parents[1]
+    measured = sweep.read_spec(root / 'experiments' / 'sweeps' / 'best-nesterov.toml')
+    (_, point, _), *_ = sweep.plan(measured)
+    published = config.resolve_settings({}, root / 'experiments' / 'best.toml')
+    assert {**measured.base, **point, 'seed': None} == {**published, 'seed': None}
+    assert measured.seeds == [42, 1, 2] and published['nesterov']
+
+
 def test_bad_arguments_fail_in_one_line(capsys, tmp_path, data):
     spec = spec_file(tmp_path, TINY)
     one_line_error(capsys, ['sweep', tmp_path / 'none.toml', '--out', tmp_path / 'o'], 'does not exist')
